@@ -1,0 +1,158 @@
+"""TailLoRConfig: the one place where adapter options are named, defaulted and validated."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+FRAMES = ("full", "head")
+PENALTY_WEIGHTINGS = ("head", "sigma", "sigma2")
+INITS = ("kaiming", "tail")
+
+TargetModules = Union[None, str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class TailLoRConfig:
+    """Options of a TailLoR adapter. Frozen: build a new one with :func:`dataclasses.replace`.
+
+    rank: adapter rank r (>= 1, <= min(d_out, d_in) of every target).
+    alpha: scale numerator; the update is ``s·ΔW`` with ``s = alpha / rank`` (``alpha / sqrt(rank)`` with
+        ``use_rslora``).
+    target_modules: names matched exactly or as a dotted suffix (a list), a regex matched in full (a str), or
+        ``"all-linear"`` (every nn.Linear except the output head, as PEFT does). Required by ``apply_taillor``.
+    exclude_modules: same conventions; matched modules are never wrapped.
+    frame: ``"full"`` (complete thin SVD; A, B in spectral coordinates) or ``"head"`` (top-h triplets only;
+        A, B in the layer's own coordinates).
+    head: h as an int count (1 <= h < m) or a float fraction of m in (0, 1).
+    head_energy: if set, h is the smallest count whose squared singular values hold this share (0, 1) of the
+        energy; overrides ``head``.
+    penalty: λ, weight of the spectral penalty (>= 0).
+    penalty_weighting: ``"head"`` (ω = 1 on the head), ``"sigma"`` (σ_i/σ_0) or ``"sigma2"`` ((σ_i/σ_0)²).
+    dropout: dropout probability on the adapter's input, in [0, 1).
+    init: ``"kaiming"`` (A Kaiming-uniform, as PEFT) or ``"tail"`` (A zero on the head coordinates).
+    seed: seeds A's initialisation (per layer and per task, reproducibly).
+    svd_oversample / svd_niter: randomized-SVD settings for head frames; None picks accurate defaults
+        (see :func:`taillor.frame.head_svd_settings`).
+    frame_cache_dir: if set, frames are cached there as safetensors, keyed by a digest of the weight.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: TargetModules = None
+    exclude_modules: TargetModules = None
+    frame: str = "full"
+    head: Union[int, float] = 0.1
+    head_energy: Optional[float] = None
+    penalty: float = 1e-3
+    penalty_weighting: str = "head"
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "kaiming"
+    seed: int = 0
+    svd_oversample: Optional[int] = None
+    svd_niter: Optional[int] = None
+    frame_cache_dir: Optional[str] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (list, tuple)):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.exclude_modules, (list, tuple)):
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        _check_int("rank", self.rank, minimum=1)
+        _check_real("alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"TailLoRConfig.alpha must be > 0, got {self.alpha!r}")
+        _check_choice("frame", self.frame, FRAMES)
+        _check_choice("penalty_weighting", self.penalty_weighting, PENALTY_WEIGHTINGS)
+        _check_choice("init", self.init, INITS)
+        _check_real("penalty", self.penalty)
+        if self.penalty < 0:
+            raise ValueError(f"TailLoRConfig.penalty must be >= 0, got {self.penalty!r}")
+        _check_real("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TailLoRConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_head(self.head)
+        if self.head_energy is not None:
+            _check_real("head_energy", self.head_energy)
+            if not 0.0 < self.head_energy < 1.0:
+                raise ValueError(f"TailLoRConfig.head_energy must be in (0, 1), got {self.head_energy!r}")
+        _check_int("seed", self.seed, minimum=0)
+        if self.svd_oversample is not None:
+            _check_int("svd_oversample", self.svd_oversample, minimum=0)
+        if self.svd_niter is not None:
+            _check_int("svd_niter", self.svd_niter, minimum=0)
+        for name in ("target_modules", "exclude_modules"):
+            _check_targets(name, getattr(self, name))
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / rank, or alpha / sqrt(rank) with use_rslora."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(out[name], tuple):
+                out[name] = list(out[name])
+        out.pop("frame_cache_dir")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TailLoRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TailLoRConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"TailLoRConfig.{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"TailLoRConfig.{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"TailLoRConfig.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"TailLoRConfig.{name} must be finite, got {value!r}")
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"TailLoRConfig.{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_head(head) -> None:
+    if isinstance(head, bool) or not isinstance(head, (int, float)):
+        raise TypeError(f"TailLoRConfig.head must be an int count or a float fraction, got {head!r}")
+    if isinstance(head, int) and head < 1:
+        raise ValueError(f"TailLoRConfig.head as a count must be >= 1, got {head!r}")
+    if isinstance(head, float) and not 0.0 < head < 1.0:
+        raise ValueError(f"TailLoRConfig.head as a fraction must be in (0, 1), got {head!r}")
+
+
+def _check_targets(name: str, targets) -> None:
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"TailLoRConfig.{name} is not a valid regex: {targets!r} ({err})") from None
+        return
+    if not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"TailLoRConfig.{name} must hold non-empty strings, got {list(targets)!r}")
+    if not targets:
+        raise ValueError(f"TailLoRConfig.{name} is an empty list; name at least one module")

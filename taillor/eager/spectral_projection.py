@@ -1,0 +1,21 @@
+"""Eager kernels of the spectral projection (full frame): P = V Aᵀ, Q = U B and its backward.
+
+Shapes: U (d_out, k), V (d_in, k), A (r, k), B (k, r) -> P (d_in, r), Q (d_out, r).
+Backward: dA = dPᵀ V (r, k), dB = Uᵀ dQ (k, r) (P is linear in A, Q in B).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+
+def spectral_projection_forward(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    return V @ A.t(), U @ B
+
+
+def spectral_projection_backward(dP: Optional[Tensor], dQ: Optional[Tensor], U: Tensor,
+                                 V: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    dA = dP.t() @ V if dP is not None else None
+    dB = U.t() @ dQ if dQ is not None else None
+    return dA, dB

@@ -1,0 +1,39 @@
+"""Eager kernels of the tail adapter: y = x Wᵀ + b + s·(x_a P) Qᵀ and its backward.
+
+Shapes: x, x_a (T, d_in); weight (d_out, d_in); bias (d_out,) or None; P (d_in, r); Q (d_out, r); all one dtype.
+Forward keeps S = x_a P (T, r) for the backward. Backward with G = dy Q (T, r):
+    dQ = s·dyᵀ S,   dP = s·x_aᵀ G,   dx = dy W (+ s·G Pᵀ when x_a is x),   dx_a = s·G Pᵀ otherwise.
+The adapter never forms x·V or ΔW: it is a rank-r LoRA in the layer's own coordinates.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def tail_adapter_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor, Q: Tensor, scale: float,
+                         x_adapter: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    x_a = x if x_adapter is None else x_adapter
+    S = x_a @ P
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(S, Q.t(), alpha=scale)
+    return y, S
+
+
+def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: Tensor, Q: Tensor, scale: float,
+                          x_adapter: Optional[Tensor] = None, need_dx: bool = True, need_dP: bool = True,
+                          need_dQ: bool = True) -> tuple[Optional[Tensor], ...]:
+    x_a = x if x_adapter is None else x_adapter
+    G = dy @ Q if (need_dx or need_dP) else None
+    dQ = (dy.t() @ S).mul_(scale) if need_dQ else None
+    dP = (x_a.t() @ G).mul_(scale) if need_dP else None
+    dx = dx_adapter = None
+    if need_dx:
+        dx = dy @ weight
+        if x_adapter is None:
+            dx.addmm_(G, P.t(), alpha=scale)
+        else:
+            dx_adapter = (G @ P.t()).mul_(scale)
+    return dx, dP, dQ, dx_adapter

@@ -1,0 +1,216 @@
+"""TailLoRLinear: a frozen nn.Linear plus a low-rank update learned in its spectral frame.
+
+The module owns the parameters (A, B), the frame and the record of consolidated tasks; the math lives in
+:mod:`taillor.functional`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .config import TailLoRConfig
+from .frame import SpectralFrame, compute_frame
+
+
+def fold_delta(weight: Tensor, up: Tensor, down: Tensor, sign: float = 1.0) -> None:
+    """weight += sign·(up @ down), computed in float32 (float64 for float64 weights) and cast back, in place.
+
+    The one place where an update meets the base weight: merge, unmerge, consolidate and load_adapter all go
+    through it, so replaying a saved record reproduces the weight bit for bit on the same device.
+    """
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        merged = weight.to(dtype).addmm_(up.to(dtype), down.to(dtype), alpha=sign)
+        weight.copy_(merged)
+
+
+def task_seed(seed: int, name: str, task: int) -> int:
+    """A reproducible seed per (config seed, layer name, task index)."""
+    return zlib.crc32(f"{seed}|{name}|{task}".encode()) & 0x7FFFFFFF
+
+
+class TailLoRLinear(nn.Module):
+    """y = x Wᵀ + b + s·x (U B A Vᵀ)ᵀ (full frame) or + s·x (B A)ᵀ (head frame), W and b frozen.
+
+    Attributes: ``base_layer`` (the wrapped nn.Linear), ``frame`` (:class:`SpectralFrame`: U (d_out, k),
+    S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B`` (k, r) / (d_out, r) — float32 parameters
+    (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and ``consolidated_down`` (R, d_in): the
+    updates of finished tasks, already folded into the base weight, kept so that they can be saved, exported
+    and reported. Inputs may be any float dtype; the adapter runs in the base weight's dtype (or autocast's).
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: TailLoRConfig, name: str = "",
+                 frame: Optional[SpectralFrame] = None):
+        super().__init__()
+        where = name or "TailLoRLinear"
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"{where}: TailLoR wraps nn.Linear layers, got {type(base_layer).__name__}")
+        d_out, d_in = base_layer.weight.shape
+        m = min(d_out, d_in)
+        if config.rank > m:
+            raise ValueError(f"{where}: rank={config.rank} exceeds min(d_out, d_in)={m} of a {d_in}->{d_out} layer")
+        self.name = name
+        self.config = config
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.frame = frame if frame is not None else compute_frame(base_layer.weight, config, where)
+        weight = base_layer.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        k = self.frame.rank
+        r = config.rank
+        shape_A, shape_B = ((r, k), (k, r)) if config.frame == "full" else ((r, d_in), (d_out, r))
+        self.lora_A = nn.Parameter(torch.zeros(shape_A, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(shape_B, dtype=dtype, device=weight.device))
+        self.register_buffer("consolidated_up", torch.zeros(d_out, 0, dtype=dtype, device=weight.device),
+                             persistent=False)
+        self.register_buffer("consolidated_down", torch.zeros(0, d_in, dtype=dtype, device=weight.device),
+                             persistent=False)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.merged = False
+        self.tasks_consolidated = 0
+        self.reset_adapter()
+
+    # ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: Optional[TailLoRConfig] = None, name: str = "",
+                    **options) -> "TailLoRLinear":
+        """Wrap ``linear``; ``options`` are TailLoRConfig fields (e.g. rank=8, head=16, penalty=1e-3) that
+        override ``config`` (default TailLoRConfig())."""
+        config = dataclasses.replace(config or TailLoRConfig(), **options)
+        return cls(linear, config, name=name)
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @property
+    def head_size(self) -> int:
+        return self.frame.head_size
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.config.rank}, scaling={self.scaling:g}, frame={self.config.frame}, "
+                f"head={self.head_size}, penalty={self.config.penalty:g}, tasks_consolidated="
+                f"{self.tasks_consolidated}, merged={self.merged}")
+
+    # ------------------------------------------------------------------------------------------------------
+    def reset_adapter(self) -> None:
+        """New A (Kaiming-uniform, or zero on the head with init="tail"), B = 0: the layer equals its base."""
+        seed = task_seed(self.config.seed, self.name, self.tasks_consolidated)
+        generator = torch.Generator().manual_seed(seed)
+        fan_in = self.lora_A.shape[1]
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
+        A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype).uniform_(-bound, bound, generator=generator)
+        A = A.to(self.lora_A.device)
+        if self.config.init == "tail":
+            if self.config.frame == "full":
+                A[:, :self.head_size] = 0
+            else:
+                V_h = self.frame.V.to(A.dtype)
+                A = A - (A @ V_h) @ V_h.t()
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.zero_()
+
+    def adapter_factors(self) -> tuple[Tensor, Tensor]:
+        """(P, Q) with ΔW = s·Q Pᵀ: P (d_in, r), Q (d_out, r) in the adapter's dtype; differentiable."""
+        if self.config.frame == "full":
+            return F.spectral_projection(self.lora_A, self.lora_B, self.frame.U, self.frame.V)
+        return self.lora_A.t(), self.lora_B
+
+    def delta_weight(self) -> Tensor:
+        """The current task's update ΔW = s·U B A Vᵀ (full) or s·B A (head), (d_out, d_in), adapter dtype."""
+        P, Q = self.adapter_factors()
+        return self.scaling * (Q @ P.t())
+
+    def learned_delta(self) -> Tensor:
+        """Everything learned so far: the consolidated tasks plus the current adapter, (d_out, d_in)."""
+        return self.consolidated_up @ self.consolidated_down + self.delta_weight()
+
+    def pretrained_weight(self) -> Tensor:
+        """The base weight before any consolidation or merge, in the adapter's dtype."""
+        with torch.no_grad():
+            weight = self.base_layer.weight.to(self.lora_A.dtype) - self.consolidated_up @ self.consolidated_down
+            return weight - self.delta_weight() if self.merged else weight
+
+    def spectral_penalty(self) -> Tensor:
+        """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B."""
+        coeff = self.config.penalty * self.scaling ** 2
+        frame = self.frame
+        if self.config.frame == "full":
+            return F.spectral_penalty(self.lora_A, self.lora_B, None, None, frame.omega2, coeff)
+        return F.spectral_penalty(self.lora_A, self.lora_B, frame.U, frame.V, frame.omega2, coeff)
+
+    # ------------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = weight.dtype
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        P, Q = self.adapter_factors()
+        x = x.to(dtype)
+        x_adapter = self.dropout(x) if (self.training and self.config.dropout > 0) else None
+        return F.taillor_linear(x, weight, bias, P.to(dtype), Q.to(dtype), self.scaling, x_adapter)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _current_factors(self) -> tuple[Tensor, Tensor]:
+        """(up, down) = (s·Q, Pᵀ), detached: ΔW = up @ down."""
+        with torch.no_grad():
+            P, Q = self.adapter_factors()
+            return (self.scaling * Q).detach().clone(), P.t().detach().contiguous()
+
+    def merge(self) -> None:
+        """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
+        if self.merged:
+            return
+        fold_delta(self.base_layer.weight, *self._current_factors())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Remove the merged ΔW from the base weight (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            return
+        fold_delta(self.base_layer.weight, *self._current_factors(), sign=-1.0)
+        self.merged = False
+
+    def consolidate(self) -> None:
+        """End a task: fold ΔW into the base weight, record it, and restart the adapter (new A, B = 0).
+
+        The frame stays the pre-trained one, so the next task's penalty still protects the original head.
+        Outputs are unchanged (within the base dtype's rounding).
+        """
+        up, down = self._current_factors()
+        if not self.merged:
+            fold_delta(self.base_layer.weight, up, down)
+        self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
+        self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
+        self.merged = False
+        self.tasks_consolidated += 1
+        self.reset_adapter()

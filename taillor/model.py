@@ -1,0 +1,168 @@
+"""Model API: put TailLoR into any PyTorch / Hugging Face model, and the model-wide operations on it."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import TailLoRConfig
+from .frame import SpectralFrame, build_frames as _build_frames
+from .layer import TailLoRLinear
+
+_OUTPUT_HEAD_NAMES = ("lm_head",)
+
+
+def iter_taillor_layers(model: nn.Module) -> Iterator[tuple[str, TailLoRLinear]]:
+    """(qualified name, layer) for every TailLoRLinear in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, TailLoRLinear):
+            yield name, module
+
+
+def _require_layers(model: nn.Module, what: str) -> list[tuple[str, TailLoRLinear]]:
+    layers = list(iter_taillor_layers(model))
+    if not layers:
+        raise ValueError(f"{what}: the model has no TailLoRLinear layers; call taillor.apply_taillor first")
+    return layers
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    heads = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in _OUTPUT_HEAD_NAMES}
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        heads |= {name for name, module in model.named_modules() if module is output}
+    return heads
+
+
+def find_target_modules(model: nn.Module, config: TailLoRConfig) -> dict[str, nn.Linear]:
+    """The nn.Linear modules ``config.target_modules`` selects (PEFT's conventions), by qualified name.
+
+    Raises ValueError when nothing matches (listing the Linear layers that exist) and TypeError when a matched
+    module is not an nn.Linear.
+    """
+    targets = config.target_modules
+    if targets is None:
+        raise ValueError("TailLoRConfig.target_modules is required by apply_taillor: a list of module names, a "
+                         "regex, or 'all-linear'")
+    inside_taillor = {name for name, _ in iter_taillor_layers(model)}
+    if inside_taillor:
+        raise ValueError(f"the model already has TailLoRLinear layers ({sorted(inside_taillor)[:3]}...); "
+                         "call taillor.merge_and_unload first to apply a new configuration")
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if targets == "all-linear":
+        heads = _output_head_names(model)
+        selected = {name: module for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and name not in heads}
+    else:
+        selected = {}
+        for name, module in model.named_modules():
+            if name and _matches(name, targets):
+                if not isinstance(module, nn.Linear):
+                    raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                                    f"TailLoR wraps nn.Linear layers only")
+                selected[name] = module
+    if config.exclude_modules is not None:
+        selected = {n: m for n, m in selected.items() if not _matches(n, config.exclude_modules)}
+    if not selected:
+        shown = ", ".join(linear_names[:20]) + (" ..." if len(linear_names) > 20 else "")
+        raise ValueError(f"target_modules={targets!r} matched no nn.Linear layer; the model's Linear layers are: "
+                         f"{shown or '(none)'}")
+    return selected
+
+
+def build_frames(model: nn.Module, config: TailLoRConfig, progress: bool = True) -> dict[str, SpectralFrame]:
+    """Frames of every target layer of ``model``, batched by shape (and sharded across ranks when
+    torch.distributed is initialized). Reuses cached frames of unchanged weights."""
+    targets = find_target_modules(model, config)
+    return _build_frames({name: module.weight for name, module in targets.items()}, config, progress=progress)
+
+
+def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = False) -> nn.Module:
+    """Swap the target nn.Linear layers of ``model`` for TailLoRLinear, in place; freeze everything else.
+
+    Every check (targets, ranks, heads, finite weights) runs before the first swap, so an error leaves the model
+    unchanged. Returns ``model``.
+    """
+    targets = find_target_modules(model, config)
+    for name, module in targets.items():
+        m = min(module.weight.shape)
+        if config.rank > m:
+            raise ValueError(f"{name}: rank={config.rank} exceeds min(d_out, d_in)={m} of a "
+                             f"{module.in_features}->{module.out_features} layer")
+    frames = _build_frames({name: module.weight for name, module in targets.items()}, config, progress=progress)
+    layers = {name: TailLoRLinear(module, config, name=name, frame=frames[name]) for name, module in targets.items()}
+    model.requires_grad_(False)
+    for name, layer in layers.items():
+        _replace_module(model, name, layer)
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    return model
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def spectral_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): add it to the task loss yourself (never done
+    behind your back). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
+    layers = _require_layers(model, "spectral_penalty")
+    device = layers[0][1].lora_A.device
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for _, layer in layers:
+        total = total + layer.spectral_penalty().to(device=device, dtype=torch.float32)
+    return total
+
+
+def consolidate(model: nn.Module) -> int:
+    """End a task on every TailLoR layer (fold, record, restart the adapter). Returns the number of layers.
+
+    Optimizer state of the old A, B is stale afterwards: create a new optimizer (or reset its state).
+    """
+    layers = _require_layers(model, "consolidate")
+    for _, layer in layers:
+        layer.consolidate()
+    return len(layers)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain nn.Linear back; returns ``model``."""
+    for name, layer in _require_layers(model, "merge_and_unload"):
+        layer.merge()
+        _replace_module(model, name, layer.base_layer)
+    return model
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    trainable: int
+    total: int
+    taillor_layers: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: "
+                f"{100 * self.share:.4f} || TailLoR layers: {self.taillor_layers}")
+
+
+def trainable_parameters(model: nn.Module) -> TrainableSummary:
+    """Counts of trainable and all parameters (frames are buffers and not counted)."""
+    params = list(model.parameters())
+    return TrainableSummary(trainable=sum(p.numel() for p in params if p.requires_grad),
+                            total=sum(p.numel() for p in params),
+                            taillor_layers=len(list(iter_taillor_layers(model))))
