@@ -1,0 +1,198 @@
+"""taillor.continual: metrics on hand-computed matrices, input validation, and the runner on tiny tasks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from taillor.continual import (
+    ContinualRunner,
+    as_accuracy_matrix,
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    mean_cosine_similarity,
+    retention,
+    summarize,
+)
+
+NAN = float("nan")
+
+# R[i][j]: accuracy on task j after training task i
+R3 = [
+    [0.90, NAN, NAN],
+    [0.70, 0.80, NAN],
+    [0.60, 0.85, 0.95],
+]
+
+
+def test_metrics_hand_computed():
+    # ACC = (0.60 + 0.85 + 0.95) / 3
+    assert average_accuracy(R3) == pytest.approx(0.80)
+    # BWT = ((0.60 - 0.90) + (0.85 - 0.80)) / 2
+    assert backward_transfer(R3) == pytest.approx(-0.125)
+    # f_0 = max(0.90, 0.70) - 0.60 = 0.30; f_1 = max(0.80) - 0.85 = -0.05
+    assert forgetting(R3, per_task=True) == pytest.approx([0.30, -0.05])
+    assert forgetting(R3) == pytest.approx(0.125)
+
+
+def test_forgetting_uses_best_earlier_accuracy_not_the_first():
+    R = [[0.5, NAN, NAN], [0.9, 0.7, NAN], [0.6, 0.7, 0.8]]
+    # task 0 peaked after task 1 (0.9): f_0 = 0.9 - 0.6; BWT only sees 0.6 - 0.5
+    assert forgetting(R, per_task=True) == pytest.approx([0.3, 0.0])
+    assert backward_transfer(R) == pytest.approx((0.1 + 0.0) / 2)
+
+
+def test_single_task_and_array_inputs():
+    assert average_accuracy([[0.7]]) == pytest.approx(0.7)
+    assert backward_transfer([[0.7]]) == 0.0
+    assert forgetting([[0.7]]) == 0.0
+    full = np.array([[1.0, 0.2], [0.5, 1.0]])  # above-diagonal entries are ignored
+    assert average_accuracy(full) == pytest.approx(0.75)
+    assert backward_transfer(torch.tensor(full)) == pytest.approx(-0.5)
+
+
+def test_summarize_per_step_accuracy():
+    s = summarize(R3)
+    assert s["acc_per_step"] == pytest.approx([0.90, 0.75, 0.80])
+    assert s["acc"] == pytest.approx(0.80)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "empty"),
+        ([[0.1, 0.2]], "square"),
+        ([[0.1, NAN], [0.2]], "square"),
+        ([[0.1, NAN], [float("inf"), 0.3]], r"R\[1\]\[0\] = inf"),
+        ([[NAN]], r"R\[0\]\[0\] = nan"),
+        ([[0.1, NAN], ["x", 0.2]], r"R\[1\]\[0\] = 'x'"),
+        (5, "2-D"),
+    ],
+)
+def test_invalid_matrices_raise(bad, match):
+    for fn in (as_accuracy_matrix, average_accuracy, backward_transfer, forgetting):
+        with pytest.raises(ValueError, match=match):
+            fn(bad)
+
+
+def test_retention_and_cosine():
+    assert retention([0.8, 0.4], 0.8) == pytest.approx([1.0, 0.5])
+    with pytest.raises(ValueError, match="non-zero"):
+        retention([0.5], 0.0)
+    with pytest.raises(ValueError, match="score 1"):
+        retention([0.5, NAN], 0.5)
+    a = torch.randn(5, 3)
+    assert mean_cosine_similarity(a, a) == pytest.approx(1.0)
+    assert mean_cosine_similarity(a, -a) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        mean_cosine_similarity(a, a[:4])
+
+
+def test_runner_call_order_and_shapes():
+    calls = []
+    tasks = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    table = {(0, 0): 0.9, (1, 0): 0.8, (1, 1): 0.7, (2, 0): 0.6, (2, 1): 0.7, (2, 2): 1.0}
+    state = {"t": -1}
+
+    def train(t, task):
+        calls.append(("train", t))
+        state["t"] = t
+        return {"loss": 1.0 / (t + 1)}
+
+    def after(t, task):
+        calls.append(("after", t))
+
+    def evaluate(j, task):
+        calls.append(("eval", j))
+        return table[(state["t"], j)]
+
+    res = ContinualRunner(tasks, train, evaluate, after_task=after, probes={"p": lambda: 0.5}).run()
+    assert calls == [("train", 0), ("after", 0), ("eval", 0),
+                     ("train", 1), ("after", 1), ("eval", 0), ("eval", 1),
+                     ("train", 2), ("after", 2), ("eval", 0), ("eval", 1), ("eval", 2)]
+    assert res.task_names == ["a", "b", "c"]
+    assert math.isnan(res.R[0][1]) and res.R[2][0] == 0.6
+    assert res.probes["p"] == [0.5] * 4
+    assert [i["loss"] for i in res.train_info] == pytest.approx([1.0, 0.5, 1 / 3])
+    m = res.metrics()
+    assert m["acc"] == pytest.approx((0.6 + 0.7 + 1.0) / 3)
+    assert m["bwt"] == pytest.approx(((0.6 - 0.9) + (0.7 - 0.7)) / 2)
+    d = res.to_dict()
+    assert d["R"][0][1] is None and d["metrics"]["acc"] == pytest.approx(m["acc"])
+
+
+def test_runner_rejects_bad_callbacks_and_scores():
+    with pytest.raises(ValueError, match="at least one task"):
+        ContinualRunner([], lambda t, x: None, lambda j, x: 1.0)
+    with pytest.raises(TypeError, match="eval_fn"):
+        ContinualRunner([1], lambda t, x: None, "nope")
+    runner = ContinualRunner([1, 2], lambda t, x: None, lambda j, x: float("nan"))
+    with pytest.raises(ValueError, match=r"eval_fn returned nan for task 0 \(task0\) after task 0"):
+        runner.run()
+
+
+def _cluster_task(gen, centers, n):
+    """Points around ``centers`` (C, d) with labels 0..C-1."""
+    C, d = centers.shape
+    y = torch.arange(C).repeat_interleave(n)
+    x = centers[y] + 0.3 * torch.randn(C * n, d, generator=gen)
+    return x, y
+
+
+def test_runner_on_tiny_synthetic_sequence_shows_forgetting_of_plain_finetuning():
+    """A shared encoder with one head per task, trained on 3 tasks whose class structure lives in disjoint
+    subspaces. Plain SGD on the shared encoder lets later tasks overwrite earlier ones; freezing the encoder
+    (a stand-in for a method that protects old knowledge) forgets nothing. The runner and metrics must tell
+    the two apart."""
+    gen = torch.Generator().manual_seed(0)
+    d, T, C = 12, 3, 3
+    tasks = []
+    for t in range(T):
+        centers = torch.zeros(C, d)
+        centers[:, 4 * t : 4 * t + 4] = 2.0 * torch.randn(C, 4, generator=gen)
+        xtr, ytr = _cluster_task(gen, centers, 40)
+        xte, yte = _cluster_task(gen, centers, 20)
+        tasks.append({"name": f"t{t}", "train": (xtr, ytr), "test": (xte, yte), "C": C})
+
+    def run(train_encoder: bool):
+        torch.manual_seed(0)
+        enc = nn.Sequential(nn.Linear(d, 2), nn.Tanh())
+        heads = nn.ModuleList()
+
+        def train(t, task):
+            heads.append(nn.Linear(2, task["C"]))
+            params = list(heads[t].parameters()) + (list(enc.parameters()) if train_encoder else [])
+            opt = torch.optim.SGD(params, lr=0.5)
+            x, y = task["train"]
+            for _ in range(100):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(heads[t](enc(x)), y)
+                loss.backward()
+                opt.step()
+            return loss.item()
+
+        def after(t, task):
+            heads[t].requires_grad_(False)
+
+        @torch.no_grad()
+        def evaluate(j, task):
+            x, y = task["test"]
+            return (heads[j](enc(x)).argmax(1) == y).float().mean().item()
+
+        return ContinualRunner(tasks, train, evaluate, after_task=after).run()
+
+    plain = run(train_encoder=True)
+    frozen = run(train_encoder=False)
+    for res in (plain, frozen):
+        assert len(res.R) == T and len(res.train_seconds) == T
+        assert all(0.0 <= res.R[i][j] <= 1.0 for i in range(T) for j in range(i + 1))
+    assert forgetting(frozen.R) == pytest.approx(0.0, abs=1e-9)
+    assert backward_transfer(frozen.R) == pytest.approx(0.0, abs=1e-9)
+    # the plain run learns each task when it trains on it ...
+    assert min(plain.R[t][t] for t in range(T)) > 0.9
+    # ... and forgets: some earlier task loses accuracy
+    assert forgetting(plain.R) > 0.1
+    assert backward_transfer(plain.R) < -0.1

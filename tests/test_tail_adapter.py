@@ -1,0 +1,129 @@
+"""TailLoRLinear forward/backward against the dense float64 oracle, both frames, all dtypes, odd shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+from torch import nn
+
+import taillor
+from taillor import functional as F
+from conftest import assert_matches_oracle, dense_delta
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_layer(d_in=96, d_out=80, rank=4, frame="full", head=8, bias=True, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    linear = nn.Linear(d_in, d_out, bias=bias).to(dtype)
+    layer = taillor.TailLoRLinear.from_linear(linear, rank=rank, head=head, frame=frame, alpha=2.0 * rank, **kw)
+    with torch.no_grad():  # a trained-looking B so that the adapter contributes
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    return layer
+
+
+def oracle_forward(layer, x):
+    W = layer.base_layer.weight.detach().double() + dense_delta(layer)
+    b = layer.base_layer.bias
+    return x.double() @ W.t() + (b.detach().double() if b is not None else 0)
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_float64_oracle(frame, dtype, bias):
+    layer = make_layer(frame=frame, dtype=dtype, bias=bias)
+    x = torch.randn(3, 37, 96, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_(True)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, 37, 80)
+    assert_matches_oracle(y.detach(), oracle_forward(layer, x.detach()), dtype, "y")
+
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y.backward(dy)
+    # Oracle gradients: autograd through the dense float64 formula.
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    U, V, s = layer.frame.U.double(), layer.frame.V.double(), layer.scaling
+    delta = s * (U @ B @ A @ V.t() if frame == "full" else B @ A)
+    W = layer.base_layer.weight.detach().double() + delta
+    y64 = x64 @ W.t()
+    y64.backward(dy.double())
+    assert_matches_oracle(x.grad, x64.grad, dtype, "dx")
+    assert_matches_oracle(layer.lora_A.grad, A.grad, dtype, "dA")
+    assert_matches_oracle(layer.lora_B.grad, B.grad, dtype, "dB")
+    assert layer.base_layer.weight.grad is None
+
+
+def test_starts_equal_to_base_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(50, 30)
+    layer = taillor.TailLoRLinear.from_linear(linear, rank=3, head=5)
+    x = torch.randn(7, 50)
+    assert torch.equal(layer(x), linear(x))
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_dropout_goes_only_through_the_adapter():
+    layer = make_layer(dropout=0.5)
+    x = torch.randn(16, 96)
+    layer.eval()
+    y_eval = layer(x)
+    assert_matches_oracle(y_eval.detach(), oracle_forward(layer, x), torch.float32, "eval")
+    layer.train()
+    torch.manual_seed(5)
+    x.requires_grad_(True)
+    y = layer(x)
+    # Same mask, computed by hand: base(x) + s·(dropout(x) P) Qᵀ.
+    torch.manual_seed(5)
+    mask_x = torch.nn.functional.dropout(x.detach(), 0.5, training=True)
+    P, Q = (t.detach().double() for t in layer.adapter_factors())
+    expected = x.detach().double() @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double() \
+        + layer.scaling * (mask_x.double() @ P) @ Q.t()
+    assert_matches_oracle(y.detach(), expected, torch.float32, "train")
+    y.sum().backward()
+    expected_dx = torch.ones(16, 80, dtype=torch.float64) @ layer.base_layer.weight.double() \
+        + (mask_x != 0).double() * 2.0 * layer.scaling * (torch.ones(16, 80, dtype=torch.float64) @ Q @ P.t())
+    assert_matches_oracle(x.grad, expected_dx, torch.float32, "dx with dropout")
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_gradcheck_float64(frame):
+    torch.manual_seed(0)
+    d_in, d_out, r = 11, 7, 2
+    x = torch.randn(5, d_in, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    b = torch.randn(d_out, dtype=torch.float64)
+    P = torch.randn(d_in, r, dtype=torch.float64, requires_grad=True)
+    Q = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, P, Q: F.taillor_linear(x, W, b, P, Q, 1.5), (x, P, Q))
+    xa = torch.randn(5, d_in, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, xa, P, Q: F.taillor_linear(x, W, b, P, Q, 0.5, xa), (x, xa, P, Q))
+    Wg = W.clone().requires_grad_(True)
+    bg = b.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, W, b: F.taillor_linear(x, W, b, P.detach(), Q.detach(), 2.0),
+                                    (x, Wg, bg))
+    k = min(d_in, d_out)
+    A = torch.randn(r, k, dtype=torch.float64, requires_grad=True)
+    Bk = torch.randn(k, r, dtype=torch.float64, requires_grad=True)
+    U = torch.linalg.qr(torch.randn(d_out, k, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(d_in, k, dtype=torch.float64)).Q
+    assert torch.autograd.gradcheck(lambda A, B: F.spectral_projection(A, B, U, V), (A, Bk))
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_in=st.integers(1, 33), d_out=st.integers(1, 33), tokens=st.integers(1, 9), frame=st.sampled_from(["full", "head"]),
+       rank=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_hypothesis_shapes(d_in, d_out, tokens, frame, rank, seed):
+    m = min(d_in, d_out)
+    assume(m >= 2)  # a head must leave at least one tail direction
+    rank = min(rank, m)
+    layer = make_layer(d_in=d_in, d_out=d_out, rank=rank, frame=frame, head=1, seed=seed, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert_matches_oracle(y.detach(), oracle_forward(layer, x.detach()), torch.float64, "y")
+    y.pow(2).sum().backward()
+    x64 = x.detach().clone().requires_grad_(True)
+    (x64 @ (layer.base_layer.weight.double() + dense_delta(layer)).t() + layer.base_layer.bias.double()) \
+        .pow(2).sum().backward()
+    assert_matches_oracle(x.grad, x64.grad, torch.float64, "dx")
