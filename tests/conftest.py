@@ -17,7 +17,7 @@ FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.b
 
 
 def normalized_error(actual: torch.Tensor, oracle: torch.Tensor) -> float:
-    oracle = oracle.double()
+    actual, oracle = actual.detach(), oracle.detach().double()
     scale = oracle.abs().max().clamp_min(1e-30)
     return float((actual.double() - oracle).abs().max() / scale)
 

@@ -1,0 +1,97 @@
+"""Frames: exactness (full), accuracy contract of head frames with default settings, head sizes, caching."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import taillor
+from taillor.frame import build_frames, compute_frame, head_svd_settings
+from test_randomized_svd import SPECTRA, largest_principal_angle, matrix_with_spectrum
+
+
+def test_full_frame_is_the_exact_thin_svd():
+    W = torch.randn(30, 50, dtype=torch.float64)
+    frame = compute_frame(W, taillor.TailLoRConfig(head=5), "w")
+    assert frame.U.shape == (30, 30) and frame.S.shape == (30,) and frame.V.shape == (50, 30)
+    torch.testing.assert_close((frame.U * frame.S) @ frame.V.t(), W)
+    assert frame.head_size == 5
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_head_frame_default_settings_meet_the_accuracy_contract(spectrum):
+    m, n, h = 300, 260, 24
+    W = matrix_with_spectrum(SPECTRA[spectrum](n), m, n, seed=7).float()
+    config = taillor.TailLoRConfig(frame="head", head=h)
+    oversample, _ = head_svd_settings(h, config)
+    assert h + oversample < 0.5 * min(m, n), "the randomized path (not the exact fallback) must be under test"
+    frame = compute_frame(W, config, "w")
+    U0, S0, V0h = torch.linalg.svd(W.double(), full_matrices=False)
+    assert ((frame.S.double() - S0[:h]) / S0[:h]).abs().max() < 1e-3
+    assert largest_principal_angle(frame.U, U0[:, :h]) < 1e-2
+    assert largest_principal_angle(frame.V, V0h[:h].mT) < 1e-2
+
+
+def test_head_from_fraction_and_energy():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    W = matrix_with_spectrum(sigma, 6, 8)
+    assert compute_frame(W, taillor.TailLoRConfig(head=0.5), "w").head_size == 3
+    # energies 16, 4, 1, 1, .25, .01 of 22.26: 16/22.26 = .719, 20/22.26 = .898, 21/22.26 = .943
+    assert compute_frame(W, taillor.TailLoRConfig(head_energy=0.7), "w").head_size == 1
+    assert compute_frame(W, taillor.TailLoRConfig(head_energy=0.9), "w").head_size == 3
+    assert compute_frame(W, taillor.TailLoRConfig(head_energy=0.9, frame="head"), "w").head_size == 3
+
+
+@pytest.mark.parametrize("head", [6, 7, 0.95])
+def test_head_must_leave_a_tail(head):
+    with pytest.raises(ValueError, match="w: head="):
+        compute_frame(torch.randn(6, 8), taillor.TailLoRConfig(head=head), "w")
+
+
+def test_energy_that_needs_every_direction_is_rejected():
+    W = torch.eye(4) * 1.0
+    with pytest.raises(ValueError, match="head_energy"):
+        compute_frame(W, taillor.TailLoRConfig(head_energy=0.99), "w")
+
+
+def test_non_finite_weight_is_rejected_before_any_svd(monkeypatch):
+    W = torch.randn(8, 8)
+    W[0, 0] = float("inf")
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: pytest.fail("SVD ran on a non-finite weight"))
+    with pytest.raises(ValueError, match="layer7: the weight has non-finite"):
+        compute_frame(W, taillor.TailLoRConfig(head=2), "layer7")
+
+
+def test_batched_build_equals_one_by_one():
+    torch.manual_seed(0)
+    weights = {f"l{i}": torch.randn(40, 64) for i in range(3)}
+    weights["odd"] = torch.randn(24, 64)
+    config = taillor.TailLoRConfig(frame="head", head=4)
+    taillor.clear_frame_cache()
+    frames = build_frames(weights, config)
+    taillor.clear_frame_cache()
+    for name, w in weights.items():
+        single = compute_frame(w, config, name)
+        torch.testing.assert_close(frames[name].S, single.S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close((frames[name].U * frames[name].S) @ frames[name].V.t(),
+                                   (single.U * single.S) @ single.V.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
+    taillor.clear_frame_cache()
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    W = torch.randn(20, 30)
+    config = taillor.TailLoRConfig(head=3, frame_cache_dir=str(tmp_path))
+    first = compute_frame(W, config, "w")
+    second = compute_frame(W.clone(), config, "w")
+    assert len(calls) == 1 and torch.equal(first.U, second.U)
+    W[0, 0] += 1e-3
+    third = compute_frame(W, config, "w")
+    assert len(calls) == 2 and not torch.equal(first.S, third.S)
+    assert len(os.listdir(tmp_path)) == 2
+    taillor.clear_frame_cache()
+    from_disk = compute_frame(W, config, "w")
+    assert len(calls) == 2 and torch.equal(from_disk.S, third.S)
