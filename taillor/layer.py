@@ -30,6 +30,10 @@ def fold_delta(weight: Tensor, up: Tensor, down: Tensor, sign: float = 1.0) -> N
         weight.copy_(merged)
 
 
+def _full_tensor(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def task_seed(seed: int, name: str, task: int) -> int:
     """A reproducible seed per (config seed, layer name, task index)."""
     return zlib.crc32(f"{seed}|{name}|{task}".encode()) & 0x7FFFFFFF
@@ -158,9 +162,12 @@ class TailLoRLinear(nn.Module):
         """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B."""
         coeff = self.config.penalty * self.scaling ** 2
         frame = self.frame
+        # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
+        # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
+        A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
         if self.config.frame == "full":
-            return F.spectral_penalty(self.lora_A, self.lora_B, None, None, frame.omega2, coeff)
-        return F.spectral_penalty(self.lora_A, self.lora_B, frame.U, frame.V, frame.omega2, coeff)
+            return F.spectral_penalty(A, B, None, None, frame.omega2, coeff)
+        return F.spectral_penalty(A, B, frame.U, frame.V, frame.omega2, coeff)
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

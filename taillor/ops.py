@@ -69,11 +69,10 @@ def tail_adapter_bwd(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: Tensor
 
 @tail_adapter_bwd.register_fake
 def _(dy, x, weight, S, P, Q, scale, x_adapter, need_dx, need_dP, need_dQ):
-    empty = dy.new_empty(0)
-    return (x.new_empty(x.shape) if need_dx else empty,
-            P.new_empty(P.shape) if need_dP else empty,
-            Q.new_empty(Q.shape) if need_dQ else empty,
-            x.new_empty(x.shape) if (need_dx and x_adapter is not None) else empty)
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty(0),
+            P.new_empty(P.shape) if need_dP else dy.new_empty(0),
+            Q.new_empty(Q.shape) if need_dQ else dy.new_empty(0),
+            x.new_empty(x.shape) if (need_dx and x_adapter is not None) else dy.new_empty(0))
 
 
 def _tail_adapter_bwd_triton():

