@@ -1,7 +1,13 @@
 """Shared test helpers: the one per-dtype tolerance table and the dense float64 oracles."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter; it must be on before the kernels are first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Normalized error bound max|actual - oracle| / max|oracle| per dtype, for one layer of the sizes used in tests
 # (d <= 256): a few ulps of accumulation error in the compute dtype. The one table every comparison uses.
