@@ -8,6 +8,8 @@ per-block limit of each architecture. Prints one table row per (kernel, variant,
 non-zero if any compilation fails or any kernel exceeds the limit.
 """
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -60,16 +62,33 @@ def _rerun_without_interpreter(argv):
     return subprocess.call(cmd, env=env)
 
 
+def _build(index, cc):
+    """Compile AOT entry ``index`` for ``cc``: (shared bytes, num_warps, error or None). Runs in a worker."""
+    from taillor._kernels import AOT_KERNELS
+
+    entry = AOT_KERNELS[index]
+    try:
+        meta = compile_entry(entry, cc)
+        return int(meta.shared), int(meta.num_warps), None
+    except Exception as err:  # report every kernel, then fail
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return None, entry["num_warps"], f"{type(err).__name__}: {first_line}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="taillor check-kernels",
                                      description="Compile every Triton kernel for the given GPU architectures "
                                                  "(no GPU needed) and check its shared memory.")
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated list, e.g. sm_80,sm_90")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="parallel compile processes (default: number of CPUs, at most 8)")
     args = parser.parse_args(argv)
     try:
         archs = _parse_arch(args.arch)
     except ValueError as err:
         parser.error(str(err))
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter replaces @triton.jit kernels with Python ones that cannot be compiled.
@@ -78,22 +97,28 @@ def main(argv=None):
     import triton
     from taillor._kernels import AOT_KERNELS
 
+    start = time.perf_counter()
+    jobs = [(i, cc) for i in range(len(AOT_KERNELS)) for cc in archs]
+    if args.jobs == 1 or len(jobs) == 1:
+        results = [_build(i, cc) for i, cc in jobs]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Triton/CUDA state
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx) as pool:
+            results = list(pool.map(_build, *zip(*jobs, strict=True)))
+
     header = ("kernel", "variant", "dtype", "arch", "shared", "limit", "warps", "stages", "status")
     rows, failures = [], 0
-    start = time.perf_counter()
-    for entry in AOT_KERNELS:
-        for cc in archs:
-            limit = SHARED_LIMITS[cc]
-            try:
-                meta = compile_entry(entry, cc)
-                shared, warps = int(meta.shared), int(meta.num_warps)
-                status = "ok" if shared <= limit else "FAIL: shared memory over limit"
-            except Exception as err:  # report every kernel, then fail
-                shared, warps = "-", entry["num_warps"]
-                status = f"FAIL: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            failures += not status.startswith("ok")
-            rows.append((entry["name"], entry["variant"], entry["dtype"], f"sm_{cc}", str(shared), str(limit),
-                         str(warps), str(entry["num_stages"]), status))
+    for (i, cc), (shared, warps, error) in zip(jobs, results, strict=True):
+        entry, limit = AOT_KERNELS[i], SHARED_LIMITS[cc]
+        if error is not None:
+            status = f"FAIL: {error}"
+        elif shared > limit:
+            status = "FAIL: shared memory over limit"
+        else:
+            status = "ok"
+        failures += status != "ok"
+        rows.append((entry["name"], entry["variant"], entry["dtype"], f"sm_{cc}",
+                     "-" if shared is None else str(shared), str(limit), str(warps), str(entry["num_stages"]), status))
 
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -102,8 +127,8 @@ def main(argv=None):
     for row in rows:
         print(fmt.format(*row))
     n = len(rows)
-    print(f"{n - failures}/{n} kernel builds fit (triton {triton.__version__}, "
-          f"{time.perf_counter() - start:.1f} s)")
+    print(f"{n - failures}/{n} kernel builds compile and fit in shared memory "
+          f"(triton {triton.__version__}, {time.perf_counter() - start:.1f} s)")
     return 1 if failures else 0
 
 

@@ -45,6 +45,12 @@ torch.library.register_autograd("taillor::tail_adapter_fwd", _adapter_backward,
                                 setup_context=_adapter_setup_context)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(..., d) -> (N, d) with unit stride along d, as the kernels read rows (a copy only if needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def taillor_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor, Q: Tensor, scale: float,
                    x_adapter: Optional[Tensor] = None) -> Tensor:
     """y = x Wᵀ + b + scale·(x_a P) Qᵀ, a frozen linear layer plus a rank-r adapter in layer coordinates.
@@ -54,8 +60,8 @@ def taillor_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor,
     Returns (..., d_out) in x's dtype. Differentiable in x, P, Q (and weight/bias if they require grad).
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    xa2 = None if x_adapter is None else x_adapter.reshape(-1, x_adapter.shape[-1])
+    x2 = _rows(x)
+    xa2 = None if x_adapter is None else _rows(x_adapter)
     y, _ = ops.tail_adapter_fwd(x2, weight, bias, P, Q, float(scale), xa2)
     return y.reshape(*lead, weight.shape[0])
 

@@ -1,0 +1,247 @@
+"""Triton kernels: the TailLoR adapter as a fused rank-r LoRA linear layer (forward and backward).
+
+Math (DESIGN §1). x (T, d_in), frozen W (d_out, d_in), bias b (d_out,) or none, P (d_in, r), Q (d_out, r),
+scale s. The adapter branch reads x_a = x, or x_adapter (e.g. dropout(x)) when given:
+
+    S = x_a P                               (T, r)      saved for backward
+    y = x Wᵀ + b + s · S Qᵀ                 (T, d_out)
+
+Backward. With dy = dL/dy and G = dy Q (T, r):
+
+    dL/dQ = s · dyᵀ S                       since y depends on Q through s·S Qᵀ: ∂y[t,o]/∂Q[o,j] = s·S[t,j]
+    dL/dS = s · dy Q = s · G                hence, with S = x_a P,
+    dL/dP = x_aᵀ (dL/dS) = s · x_aᵀ G
+    dL/dx_a = (dL/dS) Pᵀ = s · G Pᵀ
+    dL/dx  = dy W  (+ s · G Pᵀ when x_a is x itself, the two paths add).
+
+Kernels and fusion:
+- ``_tail_gemm_kernel`` computes out = A Bᵀ + s · C Dᵀ + bias, the low-rank product entering as one extra
+  K-chunk of width r after the main K loop (into the same fp32 accumulator). Forward: A = x, B = W,
+  C = S, D = Q. Backward: A = dy, Bᵀ = W (strides swapped), C = G, D = P gives dx with the adapter path
+  fused; with K = 0 it gives dx_adapter = s · G Pᵀ alone. The alternative (base GEMM, then an in-place
+  rank-r update of y) costs one more read and write of y; with no GPU to measure on we implement the
+  extra-K-chunk form, which needs no second pass over y.
+- The tall-skinny products run on the pair kernel of kernels/spectral_projection.py: S = x_a P (one read
+  of x_a); G = dy Q and dQ = s · dyᵀ S in one launch (two program groups; dy is read once by each);
+  dP = s · x_aᵀ G. A single read of dy for both G and dQ would need a cross-program reduction of dQ over
+  T blocks: float atomics (nondeterministic gradients) or a partial-sum workspace of
+  (T / BLOCK_M)·d_out·r floats. We keep the deterministic form; dy is read ~d_in/BLOCK_N times by the dx
+  GEMM anyway, so the second read adds a few percent of the backward's dy traffic.
+
+Precision: fp32 accumulation everywhere. G is kept in fp32 (T·r floats). On the GPU, fp16/bf16 operands
+go to tl.dot in their own dtype (tensor cores; s·S and s·G are rounded to that dtype before the extra
+K-chunk, as eager PyTorch rounds S and G) and fp32 operands use IEEE fp32 dots (no TF32), matching
+PyTorch's default. Under TRITON_INTERPRET=1 every operand is upcast to fp32 before arithmetic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .spectral_projection import _INTERPRET, _Term, _check_2d, _check_device, _check_dtype, _launch_pair
+
+_MAX_BLOCK_R = 64
+
+
+@triton.jit
+def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
+                      M, N, K, R,
+                      s_am, s_ak, s_bn, s_bk, s_cm, s_cr, s_dn, s_dr, s_om, s_on,
+                      scale,
+                      HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    # out (M, N) = A (M, K) · Bᵀ (K, N) + scale · C (M, R) · Dᵀ (R, N) + bias (N), fp32 accumulation.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks share each column block of B while it is in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs = a_ptr + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
+    b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+
+    if HAS_LOWRANK:
+        # The extra K-chunk: scale · C Dᵀ, rank padded to BLOCK_R (masked), scale folded into C in fp32.
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+        # Usually one iteration (r <= BLOCK_R); not pipelined, so it adds no shared-memory stages.
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+            mask_r = (r0 + offs_r) < R
+            c = tl.load(c_ptr + offs_m[:, None] * s_cm + (r0 + offs_r)[None, :] * s_cr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            d = tl.load(d_ptr + (r0 + offs_r)[:, None] * s_dr + offs_n[None, :] * s_dn,
+                        mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            c = c.to(tl.float32) * scale
+            if UPCAST:
+                d = d.to(tl.float32)
+            else:
+                c = c.to(d.dtype)
+            acc = tl.dot(c, d, acc, input_precision="ieee")
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# GPU autotuning space. Pipelined shared memory is (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize per stage: at most
+# (128 + 128)·32·4·3 = 96 KiB with fp32 inputs, well under the sm_80 limit (163 KiB).
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+_GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+_GEMM_AUTOTUNE_KEY = ["M", "N", "K", "R"]
+_tail_gemm_kernel_tuned = (None if _INTERPRET else
+                           triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_AUTOTUNE_KEY)(_tail_gemm_kernel))
+
+
+def _block_r(r):
+    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(max(int(r), 1))))
+
+
+def _launch_gemm(out, a, b_t, c, d, bias, scale):
+    """out = a @ b_t + scale · c @ dᵀ + bias. ``b_t`` is the (K, N) right operand as a strided view;
+    c (M, R) and d (N, R) may be None (no low-rank chunk)."""
+    M, N = out.shape
+    if M == 0 or N == 0:
+        return
+    K = a.shape[1]
+    has_lowrank = c is not None
+    R = c.shape[1] if has_lowrank else 0
+    cc = c if has_lowrank else out
+    dd = d if has_lowrank else out
+    args = (a, b_t, cc, dd, out if bias is None else bias, out, M, N, K, R,
+            a.stride(0), a.stride(1), b_t.stride(1), b_t.stride(0),
+            cc.stride(0), cc.stride(1), dd.stride(0), dd.stride(1), out.stride(0), out.stride(1),
+            float(scale))
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UPCAST=_INTERPRET, BLOCK_R=_block_r(R))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    if _INTERPRET:
+        _tail_gemm_kernel[grid](*args, **flags, **_GEMM_INTERPRET_CONFIG)
+    else:
+        _tail_gemm_kernel_tuned[grid](*args, **flags)
+
+
+def _check_row_major(name, t):
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (strides {tuple(t.stride())}); "
+                         "call .contiguous() first")
+
+
+def _check_common(x, weight, P, Q, x_adapter):
+    _check_2d("x", x)
+    T, d_in = x.shape
+    _check_2d("weight", weight, cols=d_in)
+    d_out = weight.shape[0]
+    _check_2d("P", P, rows=d_in)
+    r = P.shape[1]
+    if r < 1:
+        raise ValueError(f"P has shape {tuple(P.shape)}: rank must be >= 1")
+    _check_2d("Q", Q, rows=d_out, cols=r)
+    _check_dtype("x", x)
+    for name, t in (("weight", weight), ("P", P), ("Q", Q)):
+        _check_dtype(name, t, x.dtype)
+    _check_row_major("x", x)
+    _check_row_major("weight", weight)
+    if x_adapter is not None:
+        _check_2d("x_adapter", x_adapter, rows=T, cols=d_in)
+        _check_dtype("x_adapter", x_adapter, x.dtype)
+        _check_row_major("x_adapter", x_adapter)
+    return T, d_in, d_out, r
+
+
+def tail_adapter_forward(x, weight, bias, P, Q, scale, x_adapter=None):
+    """Fused TailLoR forward: returns (y, S) with S = x_a P and y = x Wᵀ + b + s · S Qᵀ.
+
+    x (T, d_in), weight (d_out, d_in), bias (d_out,) or None, P (d_in, r), Q (d_out, r), scale float,
+    x_adapter (T, d_in) or None (x_a = x when None). One dtype for all (float32, float16, bfloat16); x,
+    x_adapter and weight contiguous in their last dim, P and Q any strides; one CUDA device (any device
+    under TRITON_INTERPRET=1). y (T, d_out) and S (T, r) come back in x.dtype; fp32 accumulation.
+    Two launches: S (one read of x_a), then the base GEMM with s · S Qᵀ as an extra K-chunk.
+    """
+    T, d_in, d_out, r = _check_common(x, weight, P, Q, x_adapter)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (d_out,):
+            raise ValueError(f"bias must have shape ({d_out},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        _check_dtype("bias", bias, x.dtype)
+        if d_out > 1 and bias.stride(0) != 1:
+            raise ValueError(f"bias must be contiguous (stride {bias.stride(0)}); call .contiguous() first")
+    _check_device(x=x, weight=weight, bias=bias, P=P, Q=Q, x_adapter=x_adapter)
+    x_a = x if x_adapter is None else x_adapter
+    S = torch.empty((T, r), device=x.device, dtype=x.dtype)
+    y = torch.empty((T, d_out), device=x.device, dtype=x.dtype)
+    _launch_pair(S, [_Term(x_a, P)])
+    _launch_gemm(y, x, weight.t(), S, Q, bias, scale)
+    return y, S
+
+
+def tail_adapter_backward(dy, x, weight, S, P, Q, scale, x_adapter=None,
+                          need_dx=True, need_dP=True, need_dQ=True):
+    """Fused TailLoR backward: returns (dx, dP, dQ, dx_adapter); outputs not requested are None.
+
+    dy (T, d_out), x (T, d_in), weight (d_out, d_in), S (T, r) saved by the forward, P (d_in, r),
+    Q (d_out, r), scale float, x_adapter as in the forward. With G = dy Q (fp32):
+    dQ = s·dyᵀ S, dP = s·x_aᵀ G; if x_adapter is None, dx = dy W + s·G Pᵀ (one GEMM, extra K-chunk) and
+    dx_adapter is None; otherwise dx = dy W and dx_adapter = s·G Pᵀ (only when need_dx). dx and
+    dx_adapter in x.dtype, dP and dQ in P/Q's dtype; fp32 accumulation. See the module docstring for the
+    derivation.
+    """
+    T, d_in, d_out, r = _check_common(x, weight, P, Q, x_adapter)
+    _check_2d("dy", dy, rows=T, cols=d_out)
+    _check_dtype("dy", dy, x.dtype)
+    _check_row_major("dy", dy)
+    _check_2d("S", S, rows=T, cols=r)
+    _check_dtype("S", S, x.dtype)
+    _check_device(dy=dy, x=x, weight=weight, S=S, P=P, Q=Q, x_adapter=x_adapter)
+    dev = x.device
+    x_a = x if x_adapter is None else x_adapter
+    need_G = need_dx or need_dP
+
+    dx = dP = dQ = dx_adapter = None
+    G = torch.empty((T if need_G else 0, r), device=dev, dtype=torch.float32)
+    if need_dQ:
+        dQ = torch.empty((d_out, r), device=dev, dtype=Q.dtype)
+    # G = dy Q and dQ = s·dyᵀ S in one launch.
+    if need_G or need_dQ:
+        _launch_pair(G, [_Term(dy, Q)], 1.0,
+                     dQ if need_dQ else None, [_Term(dy.t(), S)], scale)
+    if need_dP:
+        dP = torch.empty((d_in, r), device=dev, dtype=P.dtype)
+        _launch_pair(dP, [_Term(x_a.t(), G)], scale)
+    if need_dx:
+        dx = torch.empty((T, d_in), device=dev, dtype=x.dtype)
+        if x_adapter is None:
+            _launch_gemm(dx, dy, weight, G, P, None, scale)
+        else:
+            _launch_gemm(dx, dy, weight, None, None, None, scale)
+            dx_adapter = torch.empty((T, d_in), device=dev, dtype=x.dtype)
+            _launch_gemm(dx_adapter, dy[:, :0], weight[:0], G, P, None, scale)
+    return dx, dP, dQ, dx_adapter
