@@ -183,16 +183,22 @@ def plot_spectral_report(rows: Sequence[SpectralRow] | Mapping[str, Sequence[Spe
         ax.bar(x + (i - (len(reports) - 1) / 2) * width, share, width, label=method)
     ax.plot(x, [100 * r.uniform_share for r in first], "k--", lw=1, label="uniform (h/m)")
     ax.set_xticks(x, names, rotation=60, fontsize=7)
+    top = max([100 * 0.5 * (r.head_share_left + r.head_share_right) for rep in reports.values() for r in rep]
+              + [100 * first[0].uniform_share])
+    ax.set_ylim(0, 1.45 * top)  # room for the legend
     ax.set_ylabel("share of ||ΔW||² in the head (%)\n(mean of left and right)")
     ax.set_title("Where the update went")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     ax = axes[1]
-    ax.plot(x, [r.stable_rank_before for r in first], "k-o", ms=3, lw=1.5, label="pre-trained W")
-    for method, rep in reports.items():
-        ax.plot(x, [r.stable_rank_after for r in rep], "-o", ms=3, lw=1, label=f"W + ΔW ({method})")
-    ax.set_xticks(x, names, rotation=60, fontsize=7)
-    ax.set_ylabel("stable rank ||W||_F² / ||W||_2²")
-    ax.set_title("Stable rank")
+    for i, (method, rep) in enumerate(reports.items()):
+        change = [100 * (r.stable_rank_after - r.stable_rank_before) / r.stable_rank_before
+                  if r.stable_rank_before else 0.0 for r in rep]
+        ax.bar(x + (i - (len(reports) - 1) / 2) * width, change, width, label=method)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, [f"{nm}\n({r.stable_rank_before:.0f})" for nm, r in zip(names, first)], rotation=60,
+                  fontsize=7)
+    ax.set_ylabel("change of stable rank, W → W + ΔW (%)")
+    ax.set_title("Stable rank ||W||_F² / ||W||_2² (pre-trained value in brackets)")
     ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

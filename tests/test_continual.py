@@ -184,8 +184,13 @@ def test_runner_on_tiny_synthetic_sequence_shows_forgetting_of_plain_finetuning(
 
         return ContinualRunner(tasks, train, evaluate, after_task=after).run()
 
-    plain = run(train_encoder=True)
-    frozen = run(train_encoder=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation on a busy machine
+    try:
+        plain = run(train_encoder=True)
+        frozen = run(train_encoder=False)
+    finally:
+        torch.set_num_threads(threads)
     for res in (plain, frozen):
         assert len(res.R) == T and len(res.train_seconds) == T
         assert all(0.0 <= res.R[i][j] <= 1.0 for i in range(T) for j in range(i + 1))
@@ -196,3 +201,66 @@ def test_runner_on_tiny_synthetic_sequence_shows_forgetting_of_plain_finetuning(
     # ... and forgets: some earlier task loses accuracy
     assert forgetting(plain.R) > 0.1
     assert backward_transfer(plain.R) < -0.1
+
+
+# ------------------------------------------------------------------------------------ spectral report
+
+
+def test_spectral_shares_head_and_tail_updates():
+    from taillor.report import spectral_shares
+
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    S = torch.linspace(10, 1, 10, dtype=torch.float64)
+    W = U[:, :10] @ torch.diag(S) @ V.t()
+    head_update = 0.1 * U[:, :2] @ V[:, :2].t()
+    tail_update = 0.1 * U[:, 5:7] @ V[:, 5:7].t()
+    row = spectral_shares("w", W, head_update, head_size=3)
+    assert row.head_share_left == pytest.approx(1.0) and row.head_share_right == pytest.approx(1.0)
+    row = spectral_shares("w", W, tail_update, head_size=3)
+    assert row.head_share_left == pytest.approx(0.0, abs=1e-12) and row.head_share_right == pytest.approx(0.0, abs=1e-12)
+    assert row.uniform_share == pytest.approx(0.3)
+    assert row.stable_rank_before == pytest.approx(float((S ** 2).sum() / S[0] ** 2))
+    assert row.relative_delta == pytest.approx(float(tail_update.norm() / W.norm()))
+    # left and right shares differ for a one-sided update: U_h on the left, a tail direction on the right
+    mixed = 0.1 * U[:, :1] @ V[:, 8:9].t()
+    row = spectral_shares("w", W, mixed, head_size=3)
+    assert row.head_share_left == pytest.approx(1.0) and row.head_share_right == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="head_size=10"):
+        spectral_shares("w", W, mixed, head_size=10)
+    with pytest.raises(ValueError, match="same shape"):
+        spectral_shares("w", W, mixed[:5], head_size=3)
+
+
+def test_spectral_report_on_a_taillor_model_matches_weights_form(tmp_path):
+    import taillor
+    from taillor.report import format_spectral_report, plot_spectral_report, spectral_report, \
+        spectral_report_from_weights
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10))
+    pre = {"0": model[0].weight.detach().clone(), "2": model[2].weight.detach().clone()}
+    cfg = taillor.TailLoRConfig(rank=2, alpha=4, target_modules=["0", "2"], head=3, penalty=0.0)
+    taillor.apply_taillor(model, cfg)
+    for _, layer in taillor.iter_taillor_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    taillor.consolidate(model)  # the report covers consolidated tasks too
+    for _, layer in taillor.iter_taillor_layers(model):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    rows = spectral_report(model)
+    assert [r.name for r in rows] == ["0", "2"]
+    current = {name: (layer.pretrained_weight() + layer.learned_delta()).detach()
+               for name, layer in taillor.iter_taillor_layers(model)}
+    ref = spectral_report_from_weights(pre, current, head=3)
+    for a, b in zip(rows, ref):
+        assert a.head_share_left == pytest.approx(b.head_share_left, abs=1e-4)
+        assert a.head_share_right == pytest.approx(b.head_share_right, abs=1e-4)
+        assert a.stable_rank_after == pytest.approx(b.stable_rank_after, rel=1e-4)
+    assert "mean" in format_spectral_report(rows)
+    path = plot_spectral_report({"a": rows, "b": ref}, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 1000 and path.endswith("s.png")
+    with pytest.raises(ValueError, match="no TailLoR layers"):
+        spectral_report(nn.Linear(3, 3))

@@ -20,6 +20,7 @@ raises :class:`DataUnavailable` naming the package and how to install it.
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import os
@@ -313,8 +314,13 @@ def _iter_py_files(path: str):
                 yield os.path.join(root, f)
 
 
-def _functions(path: str, max_chars: int = 600):
-    """``(name, docstring, code_without_docstring)`` for every public function/method of a file."""
+@functools.lru_cache(maxsize=None)
+def _functions(path: str, max_chars: int = 600) -> tuple[tuple[str, str, str], ...]:
+    """``(name, docstring, code_without_docstring)`` for every public function/method of a file (cached)."""
+    return tuple(_parse_functions(path, max_chars))
+
+
+def _parse_functions(path: str, max_chars: int):
     try:
         with open(path, encoding="utf-8") as f:
             src = f.read()
@@ -336,7 +342,7 @@ def _functions(path: str, max_chars: int = 600):
         head_end = node.body[0].lineno - node.lineno
         sig = lines[:head_end] if head_end > 0 else lines[:1]
         rest = lines[body[0].lineno - node.lineno :] if head_end > 0 else []
-        code = _norm("\n".join(sig + rest))[:max_chars]
+        code = _norm("\n".join(sig + rest))[:max_chars].rstrip()
         if len(code) < 30:
             continue
         yield node.name, doc, code

@@ -58,14 +58,16 @@ class DemoSettings:
     targets: tuple = ("query", "value")
     lr: float = 1e-3            # adapters (TailLoR and LoRA)
     lr_full: float = 3e-5       # full fine-tuning
-    lr_head: float = 3e-3       # the task heads (all methods)
-    head: float = 0.1           # TailLoR head (fraction of min(d_out, d_in)); also the head of the report
-    penalty: float = 1e-3
+    lr_head: float = 1e-2       # the task heads (all methods)
+    head: float = 0.25          # TailLoR head (fraction of min(d_out, d_in)); also the head of the report
+    penalty: float = 10.0
     seeds: int = 3
     methods: tuple = METHODS
 
 
-QUICK = DemoSettings(n_train=80, n_test=16, retrieval_pairs=100, steps=30, max_length=48, seeds=1)
+# --quick: <= 5 min on 2 CPU cores with one torch thread (measured: see README); the sweep of head and penalty ran
+# with steps=30, max_length=48 and otherwise these settings.
+QUICK = DemoSettings(n_train=80, n_test=16, retrieval_pairs=100, steps=20, max_length=40, seeds=1)
 DEFAULT = DemoSettings()
 
 
@@ -357,7 +359,7 @@ def plot_demo(agg: dict, task_names: list[str], path: str, title: str) -> str:
     for k, name in enumerate(methods):
         ax = fig.add_subplot(gs[0, 2 * k: 2 * k + 2])
         R = np.array([[np.nan if v is None else v for v in row] for row in agg[name]["R_mean"]])
-        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
         for i in range(T):
             for j in range(i + 1):
                 ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
@@ -399,17 +401,19 @@ def plot_demo(agg: dict, task_names: list[str], path: str, title: str) -> str:
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
-    """Run every method for every seed; write results.json, demo.png and spectral.png to ``out_dir``."""
+def prepare(settings: DemoSettings, log=print) -> dict:
+    """Build the tasks and the retrieval probe, load the model, embed the probe with the base model.
+
+    Returns a dict with ``tasks``, ``retrieval``, ``tokenizer``, ``model`` (the base model, never trained),
+    ``base_emb``, ``base_values`` ({"retrieval_r1", "cosine_to_base"} of the base model) and ``pretrained``
+    ({target layer name: weight}).
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
     from . import data
     from .model import Encoder, encode, load_model
-    from ..report import format_spectral_report, plot_spectral_report
 
-    os.makedirs(out_dir, exist_ok=True)
-    t0 = time.perf_counter()
     tasks = data.build_tasks(settings.n_train, settings.n_test, seed=0)
     retrieval = data.retrieval_pairs(settings.retrieval_pairs, seed=0)
     tok, base = load_model()
@@ -418,20 +422,36 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
     for t in tasks:
         log(f"task {t.name}: {t.num_classes} classes ({', '.join(t.labels)}), {len(t.train)} train / "
             f"{len(t.test)} test")
-    base_encoder = Encoder(base)
-    base_emb = encode(base_encoder, tok, retrieval.queries + retrieval.docs, settings.max_length)
+    base_emb = encode(Encoder(base), tok, retrieval.queries + retrieval.docs, settings.max_length)
     n = len(retrieval)
     q = torch.nn.functional.normalize(base_emb[:n], dim=-1)
     d = torch.nn.functional.normalize(base_emb[n:], dim=-1)
     base_r1 = (q @ d.t()).argmax(1).eq(torch.arange(n)).float().mean().item()
-    base_values = {"retrieval_r1": base_r1, "cosine_to_base": 1.0}
     log(f"retention probe: {n} docstring→code pairs from the stdlib's top-level modules; base R@1 = {base_r1:.3f}")
-    log(f"setup {time.perf_counter() - t0:.1f}s")
-
     targets = [name for name, mod in base.named_modules()
                if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in settings.targets]
     mods = dict(base.named_modules())
-    pretrained = {nm: mods[nm].weight.detach().float().clone() for nm in targets}
+    return {"tasks": tasks, "retrieval": retrieval, "tokenizer": tok, "model": base, "base_emb": base_emb,
+            "base_values": {"retrieval_r1": base_r1, "cosine_to_base": 1.0},
+            "pretrained": {nm: mods[nm].weight.detach().float().clone() for nm in targets}}
+
+
+def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
+    """Run every method for every seed; write results.json, demo.png and spectral.png to ``out_dir``."""
+    import warnings
+
+    import torch
+
+    from ..report import format_spectral_report, plot_spectral_report
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    os.makedirs(out_dir, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ctx = prepare(settings, log)
+    tasks, retrieval, tok, base = ctx["tasks"], ctx["retrieval"], ctx["tokenizer"], ctx["model"]
+    base_emb, base_values, pretrained = ctx["base_emb"], ctx["base_values"], ctx["pretrained"]
+    n, base_r1 = len(retrieval), base_values["retrieval_r1"]
+    log(f"setup {time.perf_counter() - t0:.1f}s")
 
     runs, spectral = [], {}
     for seed in range(settings.seeds):
@@ -467,6 +487,8 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
                         "platform": platform.platform(),
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "figures": {"demo": fig, "spectral": spec_fig},
     }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
@@ -487,7 +509,8 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
         log("TailLoR (full frame) per layer:")
         log(format_spectral_report(spectral["taillor-full"]))
     log("")
-    log(f"wrote {os.path.join(out_dir, 'results.json')}, {fig}, {spec_fig}  (total {results['wall_seconds']:.0f}s)")
+    log(f"wrote {os.path.join(out_dir, 'results.json')}, {fig}, {spec_fig}  (total {results['wall_seconds']:.0f}s wall, "
+        f"{results['cpu_seconds']:.0f}s CPU)")
     return results
 
 
@@ -500,7 +523,8 @@ def data_source_model() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="taillor demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small run: 1 seed, 30 steps/task, ≤ 5 min on 2 CPU cores")
+    p.add_argument("--quick", action="store_true",
+                   help="small run: 1 seed, 20 steps/task, one torch thread; ≤ 5 min on 2 CPU cores")
     p.add_argument("--seeds", type=int, default=None, help="repeat with N seeds, report mean ± std "
                                                           f"(default {DEFAULT.seeds}, {QUICK.seeds} with --quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<timestamp>/)")
@@ -511,7 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--penalty", type=float, default=None, help="TailLoR penalty λ")
     p.add_argument("--lr", type=float, default=None, help="adapter learning rate (TailLoR and LoRA)")
     p.add_argument("--lr-full", type=float, default=None, help="learning rate of full fine-tuning")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--lr-head", type=float, default=None, help="learning rate of the task heads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --quick, which is robust on a busy machine; "
+                        "otherwise torch's choice)")
     return p
 
 
@@ -531,14 +558,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"taillor demo: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
             return 2
         overrides["methods"] = methods
-    for key in ("steps", "head", "penalty", "lr", "lr_full"):
+    for key in ("steps", "head", "penalty", "lr", "lr_full", "lr_head"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     settings = replace(settings, **overrides)
-    if args.threads:
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     from .data import DataUnavailable
 
