@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     steps = args.steps or (10 if args.tiny else 200)
 
     model = make_model(args)
-    config = taillor.TailLoRConfig(rank=4, alpha=8, target_modules="all-linear",
-                                   head=0.25, penalty=1e-3)
+    config = taillor.TailLoRConfig(rank=4, alpha=8, target_modules="all-linear")
     taillor.apply_taillor(model, config)
     print(taillor.trainable_parameters(model))
 

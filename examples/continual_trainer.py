@@ -64,8 +64,7 @@ def main(argv=None) -> int:
     size = 64 if args.tiny else 1024
 
     model = make_model(args)
-    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=4, alpha=8, target_modules=["query", "value"],
-                                                       head=0.25, penalty=1e-3))
+    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=4, alpha=8, target_modules=["query", "value"]))
     tasks = [TokenTask(t, size) for t in range(2)]
     heads = []
 

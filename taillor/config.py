@@ -31,6 +31,8 @@ class TailLoRConfig:
     head_energy: if set, h is the smallest count whose squared singular values hold this share (0, 1) of the
         energy; overrides ``head``.
     penalty: λ, weight of the spectral penalty (>= 0).
+    Defaults head=0.25 and penalty=10 come from the sweep on the demo (README, "Choosing head and penalty"): with
+    λ = 1e-3 the penalty was ~1e-5 against a task loss of ~1 and changed nothing; effects start near λ = 0.1.
     penalty_weighting: ``"head"`` (ω = 1 on the head), ``"sigma"`` (σ_i/σ_0) or ``"sigma2"`` ((σ_i/σ_0)²).
     dropout: dropout probability on the adapter's input, in [0, 1).
     init: ``"kaiming"`` (A Kaiming-uniform, as PEFT) or ``"tail"`` (A zero on the head coordinates).
@@ -45,9 +47,9 @@ class TailLoRConfig:
     target_modules: TargetModules = None
     exclude_modules: TargetModules = None
     frame: str = "full"
-    head: Union[int, float] = 0.1
+    head: Union[int, float] = 0.25
     head_energy: Optional[float] = None
-    penalty: float = 1e-3
+    penalty: float = 10.0
     penalty_weighting: str = "head"
     dropout: float = 0.0
     use_rslora: bool = False
