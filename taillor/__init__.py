@@ -4,6 +4,7 @@ kept out of its dominant singular directions by a soft spectral penalty.
 See README.md for the workflow; the normative math is in the docstrings of :mod:`taillor.functional` and
 :mod:`taillor.eager`.
 """
+from . import continual
 from ._version import __version__
 from .config import TailLoRConfig
 from .frame import SpectralFrame, clear_frame_cache
@@ -13,21 +14,11 @@ from .io import export_lora, load_adapter, save_adapter
 from .layer import TailLoRLinear
 from .model import (apply_taillor, build_frames, consolidate, find_target_modules, iter_taillor_layers,
                     merge_and_unload, spectral_penalty, trainable_parameters)
+from .report import spectral_report
 
 __all__ = [
     "__version__", "TailLoRConfig", "TailLoRLinear", "SpectralFrame", "apply_taillor", "build_frames",
-    "clear_frame_cache", "consolidate", "export_lora", "find_target_modules", "info", "iter_taillor_layers",
-    "load_adapter", "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty", "spectral_projection",
-    "taillor_linear", "trainable_parameters",
+    "clear_frame_cache", "consolidate", "continual", "export_lora", "find_target_modules", "info",
+    "iter_taillor_layers", "load_adapter", "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty",
+    "spectral_projection", "spectral_report", "taillor_linear", "trainable_parameters",
 ]
-
-
-def __getattr__(name):
-    # The report and continual modules pull in optional plotting code: import them on first use.
-    if name == "spectral_report":
-        from .report import spectral_report
-        return spectral_report
-    if name == "continual":
-        import importlib
-        return importlib.import_module(".continual", __name__)
-    raise AttributeError(f"module 'taillor' has no attribute {name!r}")

@@ -121,10 +121,6 @@ def _(dP, dQ, U, V):
     return dA, dB
 
 
-def _projection_device(*args) -> torch.device:
-    return next(a for a in args if a is not None).device
-
-
 _register_native(spectral_projection_fwd, eager_projection.spectral_projection_forward,
                  _triton("spectral_projection_forward"), backends.use_triton)
 

@@ -27,6 +27,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .model import iter_taillor_layers
+
 __all__ = [
     "SpectralRow",
     "spectral_shares",
@@ -105,7 +107,6 @@ def spectral_report(model: nn.Module) -> list[SpectralRow]:
 
     Uses the layer's own frame for U_h and V_h. Raises ValueError if the model has no TailLoR layer.
     """
-    from .model import iter_taillor_layers
 
     rows = []
     for name, layer in iter_taillor_layers(model):
