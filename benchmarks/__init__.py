@@ -1,0 +1,1 @@
+"""pytest-benchmark suites of taillor (run with ``pytest benchmarks``; see benchmarks/conftest.py)."""

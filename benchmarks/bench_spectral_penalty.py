@@ -1,0 +1,55 @@
+"""The spectral penalty in r×r Gram form (taillor) against the naive form that materializes ΔW, forward and
+backward. The other form runs in ``setup`` before every round (interleaved); ``extra_info`` holds the median
+per-round ratio to the Gram form and the relative difference of the two values.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taillor.bench import median, penalty_functions, sync
+
+from .registry import penalty_params, rounds
+
+
+def _step(fn, params, device):
+    import time
+    for p in params:
+        p.grad = None
+    sync(device)
+    t0 = time.perf_counter()
+    value = fn()
+    value.backward()
+    sync(device)
+    return time.perf_counter() - t0, float(value.detach())
+
+
+@pytest.mark.parametrize("case,device,method", penalty_params())
+def test_spectral_penalty(benchmark, case, device, method):
+    dev = torch.device(device)
+    gram, naive, params = penalty_functions(case, dev)
+    fns = {"gram": gram, "naive": naive}
+    other = "naive" if method == "gram" else "gram"
+    warmup, n_rounds = rounds(device)
+    for _ in range(min(warmup, 1)):
+        _step(gram, params, dev)
+        _step(naive, params, dev)
+    times = {method: [], other: []}
+    values = {}
+
+    def setup():
+        seconds, values[other] = _step(fns[other], params, dev)
+        times[other].append(seconds)
+        return (), {}
+
+    def target():
+        seconds, values[method] = _step(fns[method], params, dev)
+        times[method].append(seconds)
+
+    benchmark.pedantic(target, setup=setup, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    benchmark.group = f"spectral_penalty {device} {case.name}"
+    benchmark.extra_info.update(
+        case=case.name, device=device, method=method, rounds=len(times[method]),
+        fwd_bwd_ms=1e3 * median(times[method]),
+        ratio_to_gram=median(a / b for a, b in zip(times[method], times["gram"])),
+        rel_diff=abs(values["gram"] - values["naive"]) / max(abs(values["naive"]), 1e-30))

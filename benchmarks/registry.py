@@ -1,0 +1,75 @@
+"""The benchmark registry, seen from the pytest-benchmark suites.
+
+The shapes and cases live in :mod:`taillor.bench` (one place), because ``taillor bench`` has to work from an
+installed package, where this folder does not exist. This module re-exports them and turns them into pytest
+parameters: CPU cases always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under
+``TAILLOR_BENCH_FAST=1`` (or ``pytest benchmarks --bench-fast``) every case is a toy one run once (CI).
+``TAILLOR_BENCH_QUICK=1`` keeps the acceptance shapes only. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers of the 1B shapes on the CPU (slow).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from taillor.bench import (METHOD_LABELS, METHODS, SVD_METHODS, AdapterShape, FramesModel, PenaltyCase,
+                           SvdCase, adapter_shapes, fast_mode, frames_models, penalty_cases, rounds_for, svd_cases)
+
+__all__ = ["METHOD_LABELS", "METHODS", "SVD_METHODS", "AdapterShape", "FramesModel", "PenaltyCase", "SvdCase",
+           "PHASES", "adapter_params", "adapter_shapes", "devices", "fast_mode", "frames_models", "frames_params",
+           "full_mode", "penalty_cases", "penalty_params", "quick_mode", "rounds", "rounds_for", "svd_cases",
+           "svd_params"]
+
+PHASES = ("fwd", "bwd", "fwd+bwd")
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def quick_mode() -> bool:
+    """``TAILLOR_BENCH_QUICK=1``: the acceptance shapes only (gpu_check.sh uses it to fit its time budget)."""
+    return os.environ.get("TAILLOR_BENCH_QUICK", "0") not in ("", "0")
+
+
+def full_mode() -> bool:
+    return os.environ.get("TAILLOR_BENCH_FULL", "0") not in ("", "0")
+
+
+def _marks(device: str):
+    return [pytest.mark.gpu] if device == "cuda" else []
+
+
+def rounds(device: str) -> tuple[int, int]:
+    """(warm-up, rounds) for one benchmark; TAILLOR_BENCH_ROUNDS overrides rounds."""
+    return rounds_for(device, quick=False)
+
+
+def adapter_params() -> list:
+    """(shape, device, method, phase), ordered so that one shape's cases run together."""
+    out = []
+    for device in devices():
+        for shape in adapter_shapes(device, quick_mode()):
+            for method in METHODS:
+                for phase in PHASES:
+                    out.append(pytest.param(shape, device, method, phase, marks=_marks(device),
+                                            id=f"{device}-{shape.name.replace(' ', '_')}-{method}-{phase}"))
+    return out
+
+
+def svd_params() -> list:
+    return [pytest.param(case, device, method, marks=_marks(device),
+                         id=f"{device}-{case.name.replace(' ', '_')}-{method}")
+            for device in devices() for case in svd_cases(device, quick_mode()) for method in SVD_METHODS]
+
+
+def penalty_params() -> list:
+    return [pytest.param(case, device, method, marks=_marks(device),
+                         id=f"{device}-{case.name.replace(' ', '_')}-{method}")
+            for device in devices() for case in penalty_cases(device, quick_mode()) for method in ("gram", "naive")]
+
+
+def frames_params() -> list:
+    return [pytest.param(model, device, marks=_marks(device), id=f"{device}-{model.name}")
+            for device in devices() for model in frames_models(device, quick_mode(), full_mode())]
