@@ -4,13 +4,17 @@ the CUDA extension.
 For A (..., m, n) and l = min(k + oversample, m, n):
   1. range finder: Y = A Ω with a seeded Gaussian Ω (n, l); Q = orth(Y);
   2. power iterations, each re-orthonormalized: Q ← orth(A orth(Aᵀ Q)) — the error of the captured subspace
-     falls like (σ_{l+1}/σ_k)^(2·niter+1), so flat spectra need more iterations or more oversampling;
+     falls like (σ_{l+1}/σ_k)^(2·niter+1), so flat spectra need more iterations or more oversampling. Between
+     power steps a well-conditioned basis is all that is needed, so those get one CholeskyQR pass; the basis
+     that is kept gets two;
   3. small SVD without squaring the condition number: Bᵀ = Aᵀ Q = Q₂ R (Householder), Rᵀ = U_r Σ V_rᵀ, so
      A ≈ Q Qᵀ A = (Q U_r) Σ (Q₂ V_r)ᵀ.
-orth() is CholeskyQR2 — Gram in float64, Cholesky, triangular solve, twice — which is cheap (one GEMM) and
-orthonormal to working precision when cond(Y) < ~1e6; for worse-conditioned or rank-deficient Y (the Cholesky
-fails or its diagonal spans more than 1e6) it falls back to Householder QR.
-fp16/bf16 inputs are computed in float32; float64 stays float64.
+orth() is CholeskyQR2 — Gram in float64 (exact for float32 data, so squaring cond(Y) is harmless), Cholesky,
+triangular solve in the working dtype, twice — which is cheap (GEMMs) and orthonormal to working precision when
+cond(Y) < ~1e6; for worse-conditioned or rank-deficient Y (the Cholesky fails or its diagonal spans more than
+1e6) it falls back to Householder QR. fp16/bf16 inputs are computed in float32; float64 stays float64.
+Non-finite input is detected on the sketch A Ω (a NaN or Inf in A reaches it with probability 1), which costs a
+pass over m×l numbers instead of m×n.
 """
 from __future__ import annotations
 
@@ -22,24 +26,23 @@ _CHOLESKY_QR_MAX_COND = 1e6
 
 def _cholesky_qr(Y: Tensor) -> tuple[Tensor, bool]:
     Y64 = Y.double()
-    gram = Y64.mT @ Y64
-    R, info = torch.linalg.cholesky_ex(gram, upper=True)
+    R, info = torch.linalg.cholesky_ex(Y64.mT @ Y64, upper=True)
     if bool((info != 0).any()):
         return Y, False
     diag = R.diagonal(dim1=-2, dim2=-1).abs()
     if bool((diag.amin(-1) * _CHOLESKY_QR_MAX_COND <= diag.amax(-1)).any()):
         return Y, False
-    Q = torch.linalg.solve_triangular(R, Y64, upper=True, left=False)
-    return Q.to(Y.dtype), True
+    return torch.linalg.solve_triangular(R.to(Y.dtype), Y, upper=True, left=False), True
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
-    """Orthonormal basis of the columns of Y (..., m, l), l <= m: CholeskyQR2, Householder when ill-conditioned."""
-    Q, ok = _cholesky_qr(Y)
-    if ok:
+def orthonormalize(Y: Tensor, passes: int = 2) -> Tensor:
+    """Basis of the columns of Y (..., m, l), l <= m, by ``passes`` CholeskyQR passes (2: orthonormal to working
+    precision; 1: well conditioned), or by Householder QR when Y is ill-conditioned or rank-deficient."""
+    Q = Y
+    for _ in range(passes):
         Q, ok = _cholesky_qr(Q)
-    if not ok:
-        Q = torch.linalg.qr(Y).Q
+        if not ok:
+            return torch.linalg.qr(Y).Q
     return Q
 
 
@@ -50,9 +53,12 @@ def randomized_svd(A: Tensor, k: int, niter: int, oversample: int, seed: int) ->
     sketch = min(k + oversample, m, n)
     generator = torch.Generator(device=A.device).manual_seed(seed)
     omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=compute_dtype)
-    Q = orthonormalize(A @ omega)
-    for _ in range(niter):
-        Q = orthonormalize(A @ orthonormalize(A.mT @ Q))
+    Y = A @ omega
+    if not bool(torch.isfinite(Y).all()):
+        raise ValueError("randomized_svd: the input has non-finite entries (NaN or Inf)")
+    Q = orthonormalize(Y, passes=1 if niter else 2)
+    for step in range(niter):
+        Q = orthonormalize(A @ orthonormalize(A.mT @ Q, passes=1), passes=1 if step < niter - 1 else 2)
     Q2, R = torch.linalg.qr(A.mT @ Q)
     U_r, S, V_rh = torch.linalg.svd(R.mT)
     U = Q @ U_r[..., :k]
