@@ -17,5 +17,5 @@ def spectral_projection_forward(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> t
 def spectral_projection_backward(dP: Optional[Tensor], dQ: Optional[Tensor], U: Tensor,
                                  V: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     dA = dP.t() @ V if dP is not None else None
-    dB = U.t() @ dQ if dQ is not None else None
+    dB = (dQ.t() @ U).t().contiguous() if dQ is not None else None  # (dQᵀ U)ᵀ: no transposed (d, k) operand
     return dA, dB

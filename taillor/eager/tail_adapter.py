@@ -27,8 +27,10 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
                           need_dQ: bool = True) -> tuple[Optional[Tensor], ...]:
     x_a = x if x_adapter is None else x_adapter
     G = dy @ Q if (need_dx or need_dP) else None
-    dQ = (dy.t() @ S).mul_(scale) if need_dQ else None
-    dP = (x_a.t() @ G).mul_(scale) if need_dP else None
+    # (Sᵀ dy)ᵀ, not dyᵀ S: a wide (r, T)·(T, d) product reads dy along its rows and ran about 2x faster on CPU
+    # (MKL) than the transposed-operand form; the transpose of an (r, d) result costs nothing.
+    dQ = (S.t() @ dy).mul_(scale).t().contiguous() if need_dQ else None
+    dP = (G.t() @ x_a).mul_(scale).t().contiguous() if need_dP else None
     dx = dx_adapter = None
     if need_dx:
         dx = dy @ weight
