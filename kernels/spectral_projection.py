@@ -37,6 +37,30 @@ _MAX_BLOCK_N = 64  # widest output tile along the rank dimension; wider outputs 
 
 
 @triton.jit
+def _accumulate_product(x_ptr, s_xm, s_xk, y_ptr, s_yk, s_yn, K, offs_m, offs_n, mask_m, mask_n,
+                        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # fp32 accumulator of the (BLOCK_M, BLOCK_N) tile of X Y over K, in BLOCK_K chunks (masked edges).
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None] * s_xm + offs_k[None, :] * s_xk
+    y_ptrs = y_ptr + offs_k[:, None] * s_yk + offs_n[None, :] * s_yn
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        y = tl.load(y_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        else:
+            y = y.to(x.dtype)
+        acc = tl.dot(x, y, acc, input_precision="ieee")
+        x_ptrs += BLOCK_K * s_xk
+        y_ptrs += BLOCK_K * s_yk
+    return acc
+
+
+@triton.jit
 def _pair_tile(x1_ptr, s_x1m, s_x1k, y1_ptr, s_y1k, s_y1n, K1,
                x2_ptr, s_x2m, s_x2k, y2_ptr, s_y2k, s_y2n, K2,
                out_ptr, s_om, s_on, M, N, coef, w_ptr, pid_m, pid_n,
@@ -45,42 +69,15 @@ def _pair_tile(x1_ptr, s_x1m, s_x1k, y1_ptr, s_y1k, s_y1n, K1,
     # One (BLOCK_M, BLOCK_N) output tile of coef · (rs1 ∘ X1 Y1 + rs2 ∘ X2 Y2).
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_ptrs = x1_ptr + offs_m[:, None] * s_x1m + offs_k[None, :] * s_x1k
-    y_ptrs = y1_ptr + offs_k[:, None] * s_y1k + offs_n[None, :] * s_y1n
-    for k0 in range(0, K1, BLOCK_K):
-        mask_k = (k0 + offs_k) < K1
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        y = tl.load(y_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            y = y.to(tl.float32)
-        else:
-            y = y.to(x.dtype)
-        acc1 = tl.dot(x, y, acc1, input_precision="ieee")
-        x_ptrs += BLOCK_K * s_x1k
-        y_ptrs += BLOCK_K * s_y1k
-
+    acc1 = _accumulate_product(x1_ptr, s_x1m, s_x1k, y1_ptr, s_y1k, s_y1n, K1, offs_m, offs_n, mask_m, mask_n,
+                               UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TWO_TERMS:
-        x_ptrs = x2_ptr + offs_m[:, None] * s_x2m + offs_k[None, :] * s_x2k
-        y_ptrs = y2_ptr + offs_k[:, None] * s_y2k + offs_n[None, :] * s_y2n
-        for k0 in range(0, K2, BLOCK_K):
-            mask_k = (k0 + offs_k) < K2
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            y = tl.load(y_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-                y = y.to(tl.float32)
-            else:
-                y = y.to(x.dtype)
-            acc2 = tl.dot(x, y, acc2, input_precision="ieee")
-            x_ptrs += BLOCK_K * s_x2k
-            y_ptrs += BLOCK_K * s_y2k
+        acc2 = _accumulate_product(x2_ptr, s_x2m, s_x2k, y2_ptr, s_y2k, s_y2n, K2, offs_m, offs_n, mask_m, mask_n,
+                                   UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if RS1 or RS2:
         w = tl.load(w_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
