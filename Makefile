@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taillor-installed
 TORCH_SPEC ?= torch==2.14.1
+# `make demo` is a first command: the quick run (about 4 min on 2 cores). `make demo DEMO_ARGS=` runs the full one.
+DEMO_ARGS ?= --quick
 
 .PHONY: setup test demo bench check-kernels clean
 

@@ -84,3 +84,21 @@ def test_triton_dropout_path(monkeypatch):
         results.append(run(layer, x, dy, backend, monkeypatch))
     for name in ("y", "dx", "dA", "dB"):
         assert normalized_error(results[1][name], results[0][name]) <= 1e-5, name
+
+
+def test_opcheck_with_triton_kernels(monkeypatch):
+    """The Triton kernels behind the custom ops pass opcheck too (schema, fake, autograd registration)."""
+    from taillor import ops
+    monkeypatch.setenv("TAILLOR_BACKEND", "triton")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, generator=g).to(DEVICE).requires_grad_(True)
+    W, b = torch.randn(9, 12, generator=g).to(DEVICE), torch.randn(9, generator=g).to(DEVICE)
+    P = torch.randn(12, 3, generator=g).to(DEVICE).requires_grad_(True)
+    Q = torch.randn(9, 3, generator=g).to(DEVICE).requires_grad_(True)
+    torch.library.opcheck(ops.tail_adapter_fwd, (x, W, b, P, Q, 0.5, None))
+    A = torch.randn(3, 8, generator=g).to(DEVICE).requires_grad_(True)
+    B = torch.randn(8, 3, generator=g).to(DEVICE).requires_grad_(True)
+    U = torch.linalg.qr(torch.randn(9, 8, generator=g)).Q.to(DEVICE)
+    V = torch.linalg.qr(torch.randn(12, 8, generator=g)).Q.to(DEVICE)
+    torch.library.opcheck(ops.spectral_projection_fwd, (A, B, U, V))
+    torch.library.opcheck(ops.spectral_penalty_fwd, (A, B, None, None, torch.rand(8, generator=g).to(DEVICE), 0.5))
