@@ -188,7 +188,8 @@ def _chunks(names: list[str], weights: Mapping[str, Tensor]):
 
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="taillor frames", unit="layer", disable=not enabled or total == 0)
+    # disable=None: shown on a terminal only, so logs and CI stay clean.
+    return tqdm(total=total, desc="taillor frames", unit="layer", disable=True if (not enabled or total == 0) else None)
 
 
 def _distributed_rank_world() -> tuple[int, int]:

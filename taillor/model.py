@@ -87,11 +87,12 @@ def build_frames(model: nn.Module, config: TailLoRConfig, progress: bool = True)
     return _build_frames({name: module.weight for name, module in targets.items()}, config, progress=progress)
 
 
-def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = False) -> nn.Module:
+def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True) -> nn.Module:
     """Swap the target nn.Linear layers of ``model`` for TailLoRLinear, in place; freeze everything else.
 
     Every check (targets, ranks, heads, finite weights) runs before the first swap, so an error leaves the model
-    unchanged. Returns ``model``.
+    unchanged. Frames are built by :func:`build_frames` (a progress bar on a terminal unless progress=False).
+    Returns ``model``.
     """
     targets = find_target_modules(model, config)
     for name, module in targets.items():
