@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import FLOOR, dense_delta, dense_penalty, normalized_error
+from conftest import FLOOR, dense_penalty, normalized_error
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA device")
