@@ -16,6 +16,29 @@ def _none_if_empty(t: Tensor) -> Optional[Tensor]:
     return None if t.numel() == 0 and t.dim() == 1 else t
 
 
+def _differentiable(name: str, op, setup_context, backward):
+    """Give ``op`` its autograd (once, for both routes) and return the callable the public functions use.
+
+    While torch.compile traces, the call is the custom op itself with ``backward`` registered on it: one opaque
+    node. In eager mode it is an autograd.Function with the same ``setup_context`` and ``backward`` around the
+    op's device kernel (:func:`taillor.ops.run`), which skips the custom op's Python dispatch in both passes.
+    """
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+    def forward(ctx, *args):
+        # ctx-first form: the setup_context form binds apply()'s arguments with inspect.signature on every call.
+        output = ops.run(op, *args)
+        setup_context(ctx, args, output)
+        return output
+
+    eager = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                      "backward": staticmethod(backward)})
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else eager.apply(*args)
+    return call
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # tail_adapter
 # ---------------------------------------------------------------------------------------------------------------
@@ -32,8 +55,8 @@ def _adapter_backward(ctx, dy, _dS):
     x, weight, S, P, Q, x_adapter = ctx.saved_tensors
     need_x, need_w, need_b, need_P, need_Q, _, need_xa = ctx.needs_input_grad
     dy = dy.contiguous()
-    dx, dP, dQ, dx_adapter = ops.tail_adapter_bwd(dy, x, weight, S, P, Q, ctx.scale, x_adapter,
-                                                  need_x or need_xa, need_P, need_Q)
+    dx, dP, dQ, dx_adapter = ops.run(ops.tail_adapter_bwd, dy, x, weight, S, P, Q, ctx.scale, x_adapter,
+                                     need_x or need_xa, need_P, need_Q)
     # The base layer is frozen in TailLoR; if a user unfreezes it, its gradients are still exact.
     dW = dy.t() @ x if need_w else None
     db = dy.sum(0) if (need_b and ctx.has_bias) else None
@@ -41,8 +64,7 @@ def _adapter_backward(ctx, dy, _dS):
             _none_if_empty(dx_adapter))
 
 
-torch.library.register_autograd("taillor::tail_adapter_fwd", _adapter_backward,
-                                setup_context=_adapter_setup_context)
+_tail_adapter = _differentiable("TailAdapter", ops.tail_adapter_fwd, _adapter_setup_context, _adapter_backward)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -62,7 +84,7 @@ def taillor_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor,
     lead = x.shape[:-1]
     x2 = _rows(x)
     xa2 = None if x_adapter is None else _rows(x_adapter)
-    y, _ = ops.tail_adapter_fwd(x2, weight, bias, P, Q, float(scale), xa2)
+    y, _ = _tail_adapter(x2, weight, bias, P, Q, float(scale), xa2)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -76,12 +98,12 @@ def _projection_setup_context(ctx, inputs, output):
 
 def _projection_backward(ctx, dP, dQ):
     U, V = ctx.saved_tensors
-    dA, dB = ops.spectral_projection_bwd(dP, dQ, U, V)
+    dA, dB = ops.run(ops.spectral_projection_bwd, dP, dQ, U, V)
     return _none_if_empty(dA), _none_if_empty(dB), None, None
 
 
-torch.library.register_autograd("taillor::spectral_projection_fwd", _projection_backward,
-                                setup_context=_projection_setup_context)
+_spectral_projection = _differentiable("SpectralProjection", ops.spectral_projection_fwd,
+                                       _projection_setup_context, _projection_backward)
 
 
 def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,7 +111,7 @@ def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Ten
 
     A: (r, k); B: (k, r); U: (d_out, k); V: (d_in, k); one floating dtype. Differentiable in A and B.
     """
-    return ops.spectral_projection_fwd(A, B, U, V)
+    return _spectral_projection(A, B, U, V)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,12 +125,12 @@ def _penalty_setup_context(ctx, inputs, output):
 
 def _penalty_backward(ctx, grad):
     A, B, U, V, omega2 = ctx.saved_tensors
-    dA, dB = ops.spectral_penalty_bwd(grad, A, B, U, V, omega2, ctx.coeff)
+    dA, dB = ops.run(ops.spectral_penalty_bwd, grad, A, B, U, V, omega2, ctx.coeff)
     return dA, dB, None, None, None, None
 
 
-torch.library.register_autograd("taillor::spectral_penalty_fwd", _penalty_backward,
-                                setup_context=_penalty_setup_context)
+_spectral_penalty = _differentiable("SpectralPenalty", ops.spectral_penalty_fwd, _penalty_setup_context,
+                                    _penalty_backward)
 
 
 def spectral_penalty(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
@@ -119,7 +141,7 @@ def spectral_penalty(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tens
     U (d_out, h), V (d_in, h), omega2 (h,), with B_h = Uᵀ B and A_h = A V. coeff = λ·s². Returns a 0-dim tensor
     of A's dtype, differentiable in A and B. Never materializes ΔW: O(k r²) instead of O(d_out d_in r).
     """
-    return ops.spectral_penalty_fwd(A, B, U, V, omega2, float(coeff))
+    return _spectral_penalty(A, B, U, V, omega2, float(coeff))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,56 @@ def test_opcheck_projection_and_penalty():
     torch.library.opcheck(ops.randomized_svd_op, (torch.randn(2, 20, 16, generator=g), 4, 1, 4, 0))
 
 
+def _ops_dispatched(fn) -> set[str]:
+    """Names of the taillor custom ops that went through the dispatcher while ``fn`` ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("taillor::")}
+
+
+@pytest.mark.parametrize("x_adapter", [False, True])
+def test_eager_route_equals_dispatcher_route(x_adapter):
+    """functional calls the device kernel directly in eager mode; the custom op (with the same registered
+    autograd) must give bit-identical outputs and gradients."""
+    args = _adapter_args(x_adapter=x_adapter)
+    dy = torch.randn(7, 9, generator=torch.Generator().manual_seed(3))
+    leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def direct():
+        y = taillor.taillor_linear(*args)
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    def dispatched():
+        y = ops.tail_adapter_fwd(*args)[0]
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    for a, b in zip(direct(), dispatched()):
+        assert torch.equal(a, b)
+    assert _ops_dispatched(lambda: direct()) == set()
+    # The backward is shared, so the dispatched forward's backward also runs its kernel directly.
+    assert _ops_dispatched(lambda: dispatched()) == {"taillor::tail_adapter_fwd"}
+
+
+def test_traced_calls_use_the_ops(monkeypatch):
+    """Under a tracing mode (fake tensors here; make_fx, export and compile alike) the public functions go
+    through the custom ops and their fake impls, never run a kernel on traced tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def must_not_run(*args):
+        raise AssertionError("a device kernel ran under a tracing mode")
+    monkeypatch.setattr(ops, "_DEVICE_KERNELS", {op: must_not_run for op in ops._DEVICE_KERNELS})
+    real = _adapter_args()
+    with FakeTensorMode() as mode:
+        x, W, b, P, Q, s, _ = (mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in real)
+        y = taillor.taillor_linear(x, W, b, P, Q, s)
+        dx, dP = torch.autograd.grad(y.sum(), [x, P])
+        A, B = torch.randn(3, 8, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+        penalty = taillor.functional.spectral_penalty(A, B, None, None, torch.rand(8), 0.5)
+        (dA,) = torch.autograd.grad(penalty, [A])
+    assert y.shape == (7, 9) and dx.shape == (7, 12) and dP.shape == (12, 3)
+    assert penalty.shape == () and dA.shape == (3, 8)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("frame", ["full", "head"])
 def test_torch_compile_inductor_forward_backward(frame):
