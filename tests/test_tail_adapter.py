@@ -127,3 +127,25 @@ def test_hypothesis_shapes(d_in, d_out, tokens, frame, rank, seed):
     (x64 @ (layer.base_layer.weight.double() + dense_delta(layer)).t() + layer.base_layer.bias.double()) \
         .pow(2).sum().backward()
     assert_matches_oracle(x.grad, x64.grad, torch.float64, "dx")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_eager_backward_token_split_matches_float64_oracle(threads):
+    """With several CPU threads the eager backward splits the token reduction of dP, dQ across them."""
+    from taillor.eager.tail_adapter import tail_adapter_backward
+    g = torch.Generator().manual_seed(7)
+    T, d_in, d_out, r, s = 1536, 40, 56, 3, 0.5  # T / threads >= 256 tokens: the split path for 2 and 3 threads
+    x, dy = torch.randn(T, d_in, generator=g), torch.randn(T, d_out, generator=g)
+    W = torch.randn(d_out, d_in, generator=g)
+    P, Q = torch.randn(d_in, r, generator=g), torch.randn(d_out, r, generator=g)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dx, dP, dQ, _ = tail_adapter_backward(dy, x, W, x @ P, P, Q, s)
+    finally:
+        torch.set_num_threads(previous)
+    x64, dy64, W64, P64, Q64 = (t.double() for t in (x, dy, W, P, Q))
+    G = dy64 @ Q64
+    assert_matches_oracle(dx, dy64 @ W64 + s * G @ P64.t(), torch.float32, "dx")
+    assert_matches_oracle(dP, s * x64.t() @ G, torch.float32, "dP")
+    assert_matches_oracle(dQ, s * dy64.t() @ (x64 @ P64), torch.float32, "dQ")

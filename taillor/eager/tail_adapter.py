@@ -29,8 +29,8 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
     G = dy @ Q if (need_dx or need_dP) else None
     # (Sᵀ dy)ᵀ, not dyᵀ S: a wide (r, T)·(T, d) product reads dy along its rows and ran about 2x faster on CPU
     # (MKL) than the transposed-operand form; the transpose of an (r, d) result costs nothing.
-    dQ = (S.t() @ dy).mul_(scale).t().contiguous() if need_dQ else None
-    dP = (G.t() @ x_a).mul_(scale).t().contiguous() if need_dP else None
+    dQ = _reduce_rows(S, dy).mul_(scale).t().contiguous() if need_dQ else None
+    dP = _reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
     dx = dx_adapter = None
     if need_dx:
         dx = dy @ weight
@@ -39,3 +39,17 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
         else:
             dx_adapter = (G @ P.t()).mul_(scale)
     return dx, dP, dQ, dx_adapter
+
+
+def _reduce_rows(a: Tensor, b: Tensor) -> Tensor:
+    """aᵀ b (r, d) for a (T, r), b (T, d): the weight-gradient reduction over tokens.
+
+    With r ≪ d, MKL splits this product over d only, and on CPU with several threads it ran ~1.3x slower than
+    splitting the T reduction across the threads (a batched GEMM, one slice of tokens each) and summing the
+    (threads, r, d) partials. One thread keeps the plain product (the split only adds the sum there).
+    """
+    chunks = torch.get_num_threads() if a.device.type == "cpu" else 1
+    T = a.shape[0]
+    if chunks < 2 or T % chunks or T // chunks < 256:
+        return a.t() @ b
+    return torch.bmm(a.view(chunks, T // chunks, -1).transpose(1, 2), b.view(chunks, T // chunks, -1)).sum(0)
