@@ -4,7 +4,8 @@ kernels/tail_adapter.py and tests/test_tail_adapter.py.
 For each shape of the registry, in the same run: nn.Linear, PEFT LoRA at the same rank, TailLoRLinear eager,
 TailLoRLinear Triton (CUDA), torch.compile of the eager layer and the naive frame adapter (x·V); forward,
 backward and both. The floor runs in pytest-benchmark's ``setup`` before every round of the method (interleaved),
-timed by us; ``extra_info`` holds the median of the per-round ratios to it and the peak memory.
+timed by us, and so does PEFT for the TailLoR methods (the peer of issue 2's "faster than PEFT"); ``extra_info``
+holds the medians of the per-round ratios to them (``ratio_to_floor``, ``ratio_to_peft``) and the peak memory.
 """
 from __future__ import annotations
 
@@ -36,19 +37,23 @@ def test_tail_adapter(benchmark, shape, device, method, phase):
     if method in skipped:
         pytest.skip(skipped[method])
     dev = torch.device(device)
-    case, floor = cases[method], cases["linear"]
+    case = cases[method]
+    references = {"linear": []}  # name -> its time in each round
+    if method.startswith("taillor") and "peft" in cases:
+        references["peft"] = []
     warmup, n_rounds = rounds(device)
-    for key in (method, "linear"):
+    for key in (method, *references):
         if key not in entry["warm"]:  # torch.compile compiles here, outside the measurement
             for _ in range(max(warmup, 1 if key == "taillor-compile" else 0)):
                 cases[key].step(x, dy, dev)
             entry["warm"].add(key)
-    floor_times, method_times = [], []
+    method_times = []
 
     def setup():
-        f, y = floor.forward(x, dev)
-        b = floor.backward(y, dy, dev)
-        floor_times.append({"fwd": f, "bwd": b, "fwd+bwd": f + b}[phase])
+        for key, times in references.items():
+            f, y = cases[key].forward(x, dev)
+            b = cases[key].backward(y, dy, dev)
+            times.append({"fwd": f, "bwd": b, "fwd+bwd": f + b}[phase])
         if phase == "bwd":
             _, y = case.forward(x, dev)
             return (y,), {}
@@ -71,5 +76,8 @@ def test_tail_adapter(benchmark, shape, device, method, phase):
     benchmark.extra_info.update(
         shape=shape.name, tokens=shape.tokens, d_in=shape.d_in, d_out=shape.d_out, rank=shape.rank,
         dtype=shape.dtype, device=device, method=method, phase=phase, rounds=len(method_times),
-        method_ms=1e3 * median(method_times), floor_ms=1e3 * median(floor_times),
-        ratio_to_floor=median(m / f for m, f in zip(method_times, floor_times)), peak_mb=peak, memory_kind=kind)
+        method_ms=1e3 * median(method_times), floor_ms=1e3 * median(references["linear"]),
+        ratio_to_floor=median(m / f for m, f in zip(method_times, references["linear"])), peak_mb=peak,
+        memory_kind=kind)
+    if "peft" in references:
+        benchmark.extra_info["ratio_to_peft"] = median(m / p for m, p in zip(method_times, references["peft"]))

