@@ -102,7 +102,10 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
             raise ValueError(f"{where}: expected a 2-D weight, got shape {tuple(weight.shape)}")
         if not bool(torch.isfinite(weight).all()):
             raise ValueError(f"{where}: the weight has non-finite entries (NaN or Inf); no frame can be built")
-    heads = {where: _head_size(w, config, where) for where, w in weights.items()}
+    # Full frame with head_energy: h only sets the penalty weights, so it comes from the frame's own singular
+    # values (a cached frame or the one SVD below) instead of a separate svdvals of every weight.
+    h_from_frame = config.frame == "full" and config.head_energy is not None
+    heads = {where: None if h_from_frame else _head_size(w, config, where) for where, w in weights.items()}
     keys = {where: _cache_key(w, config) for where, w in weights.items()}
     entries = {where: _FRAME_CACHE.get(keys[where], config.frame_cache_dir) for where in weights}
     missing = sorted(where for where, entry in entries.items() if entry is None)
@@ -119,12 +122,15 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
             stacked = torch.stack([weights[where].detach() for where in chunk])
             U, S, V = _decompose(stacked, h, config)
             for i, where in enumerate(chunk):
-                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), h)
+                head = _head_from_energy(S[i], config, where) if h_from_frame else h
+                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), head)
                 _FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir)
             bar.update(len(chunk))
     bar.close()
     if world > 1:
         _broadcast_frames(missing, owners, entries, weights, heads, config)
+    if h_from_frame:
+        heads = {where: entries[where][3] for where in weights}
     return {where: SpectralFrame(*(t.clone() for t in entries[where][:3]), heads[where],
                                  penalty_weights(entries[where][1], heads[where], config.penalty_weighting),
                                  config.frame)
@@ -162,14 +168,22 @@ def _head_size(weight: Tensor, config: TailLoRConfig, where: str) -> int:
     total = float(weight.double().pow(2).sum())
     k = min(m, 64)
     while True:
-        if config.frame == "full" or k == m:
-            S = torch.linalg.svdvals(weight.to(_frame_dtype(weight)))
-        else:
-            S = randomized_svd(weight, k, niter=HEAD_NITER, oversample=max(HEAD_MIN_OVERSAMPLE, 2 * k))[1]
+        if k == m:
+            return _head_from_energy(torch.linalg.svdvals(weight.to(_frame_dtype(weight))), config, where)
+        S = randomized_svd(weight, k, niter=HEAD_NITER, oversample=max(HEAD_MIN_OVERSAMPLE, 2 * k))[1]
         h = head_from_energy(S, total, config.head_energy) if total > 0 else 1
-        if h <= len(S) or k == m:
-            break
+        if h <= len(S):
+            return _checked_head(h, m, config, where)
         k = min(m, 2 * k)
+
+
+def _head_from_energy(S: Tensor, config: TailLoRConfig, where: str) -> int:
+    """h from every singular value of a weight (their squares sum to its energy)."""
+    total = float(S.double().pow(2).sum())
+    return _checked_head(head_from_energy(S, total, config.head_energy) if total > 0 else 1, len(S), config, where)
+
+
+def _checked_head(h: int, m: int, config: TailLoRConfig, where: str) -> int:
     if not 1 <= h < m:
         raise ValueError(f"{where}: head_energy={config.head_energy!r} gives h={h}, but h must satisfy "
                          f"1 <= h < min(d_out, d_in)={m}")
@@ -211,6 +225,8 @@ def _broadcast_frames(missing, owners, entries, weights, heads, config) -> None:
                               w.new_empty(d_in, k, dtype=dtype), heads[where])
         for t in entries[where][:3]:
             dist.broadcast(t, src=owners[where])
+        if entries[where][3] is None:  # full frame with head_energy: h from the received singular values
+            entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
         _FRAME_CACHE.put(_cache_key(w, config), entries[where], None)
 
 

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.distributed
 STEPS, BATCH = 4, 8
 
 
+ENERGY_CONFIG = taillor.TailLoRConfig(frame="full", head_energy=0.5)
+
+
 def make_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 6))
@@ -69,6 +72,9 @@ def _worker(rank, world, port, mode, out_path):
             weights = {f"w{i}": torch.randn(16 + i % 2, 24) for i in range(5)}
             frames = taillor.frame.build_frames(weights, taillor.TailLoRConfig(frame="head", head=3))
             state = {f"{n}.{part}": getattr(f, part).clone() for n, f in frames.items() for part in ("U", "S", "V")}
+            # Full frame with head_energy: h comes from each frame's spectrum, also on the ranks that receive it.
+            full = taillor.frame.build_frames(weights, ENERGY_CONFIG)
+            state.update({f"full.{n}.h": torch.tensor(f.head_size) for n, f in full.items()})
         else:
             # The penalty is summed per rank and gradients are averaged, so it enters once, as in one process.
             params = [p for p in train_target.parameters() if p.requires_grad]
@@ -120,3 +126,5 @@ def test_frames_sharded_across_ranks_equal_single_process(tmp_path):
     for name, frame in frames.items():
         for part in ("U", "S", "V"):
             torch.testing.assert_close(got[f"{name}.{part}"], getattr(frame, part), atol=1e-5, rtol=1e-5)
+    full = taillor.frame.build_frames(weights, ENERGY_CONFIG)
+    assert {name: int(got[f"full.{name}.h"]) for name in weights} == {n: f.head_size for n, f in full.items()}

@@ -43,6 +43,22 @@ def test_head_from_fraction_and_energy():
     assert compute_frame(W, taillor.TailLoRConfig(head_energy=0.9, frame="head"), "w").head_size == 3
 
 
+def test_full_frame_head_energy_uses_the_frames_own_spectrum(monkeypatch):
+    """Full frame + head_energy: one SVD per weight (no separate svdvals), same h as from the exact spectrum."""
+    sigma = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    W = matrix_with_spectrum(sigma, 6, 8)
+    taillor.clear_frame_cache()
+
+    def no_svdvals(*args, **kwargs):
+        raise AssertionError("svdvals called: the full SVD already has every singular value")
+    monkeypatch.setattr(torch.linalg, "svdvals", no_svdvals)
+    frame = compute_frame(W, taillor.TailLoRConfig(head_energy=0.9), "w")
+    assert frame.head_size == 3 and frame.U.shape == (6, 6)
+    assert frame.omega2.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    cached = compute_frame(W, taillor.TailLoRConfig(head_energy=0.9), "w")  # from the cache, same h
+    assert cached.head_size == 3
+
+
 @pytest.mark.parametrize("head", [6, 7, 0.95])
 def test_head_must_leave_a_tail(head):
     with pytest.raises(ValueError, match="w: head="):
