@@ -981,7 +981,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         prog="taillor bench",
         description="TailLoRLinear vs nn.Linear (the floor) and PEFT LoRA (the peer); randomized SVD, penalty and "
                     "frame building. Prints ratio tables and writes bench.json and bench.md.")
-    parser.add_argument("--quick", action="store_true", help="acceptance shapes only, fewer rounds")
+    parser.add_argument("--quick", action="store_true", help="acceptance shapes only (and fewer rounds on CUDA)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None,
