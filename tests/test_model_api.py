@@ -235,3 +235,27 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         got = compiled(**bert_inputs()).last_hidden_state
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
+    """HF's gradient_checkpointing_enable wraps blocks in torch.utils.checkpoint: same gradients either way."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 4))
+    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, head=2, target_modules=["0", "2"]))
+    for _, layer in taillor.iter_taillor_layers(model):
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad] + [x]
+
+    def grads(run):
+        for p in params:
+            p.grad = None
+        run().pow(2).sum().backward()
+        return [p.grad.clone() for p in params]
+
+    plain = grads(lambda: model(x))
+    checkpointed = grads(lambda: checkpoint(model, x, use_reentrant=use_reentrant))
+    for a, b in zip(plain, checkpointed):
+        assert torch.equal(a, b)
