@@ -95,8 +95,9 @@ def adapter_shapes(device: str, quick: bool = False) -> list[AdapterShape]:
     if device == "cpu":
         if quick:
             return [CPU_ACCEPTANCE]
-        return [AdapterShape(512, 512, 512, 8), CPU_ACCEPTANCE, AdapterShape(2048, 1024, 1024, 64),
-                AdapterShape(1024, 1024, 2816, 16), AdapterShape(1024, 2816, 1024, 16)]
+        return [AdapterShape(256, 384, 384, 8, note="MiniLM width"), AdapterShape(512, 512, 512, 8), CPU_ACCEPTANCE,
+                AdapterShape(2048, 1024, 1024, 64), AdapterShape(1024, 1024, 2816, 16),
+                AdapterShape(1024, 2816, 1024, 16)]
     if quick:
         return [GPU_ACCEPTANCE, AdapterShape(2048, 4096, 4096, 16, "bfloat16")]
     shapes = []
