@@ -9,9 +9,11 @@ from typing import Optional
 
 from torch import Tensor
 
+from .gemm_forms import narrow_matmul
+
 
 def spectral_projection_forward(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    return V @ A.t(), U @ B
+    return narrow_matmul(V, A.t()), narrow_matmul(U, B)
 
 
 def spectral_projection_backward(dP: Optional[Tensor], dQ: Optional[Tensor], U: Tensor,

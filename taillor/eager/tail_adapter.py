@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .gemm_forms import narrow_matmul, reduce_rows
+
 
 def tail_adapter_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor, Q: Tensor, scale: float,
                          x_adapter: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     x_a = x if x_adapter is None else x_adapter
-    S = x_a @ P
+    S = narrow_matmul(x_a, P)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     y.addmm_(S, Q.t(), alpha=scale)
     return y, S
@@ -29,29 +31,16 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
     # The base product first: the rank-r products after it read dy (and update dx) while they are still in the
     # last-level cache (measured ~0.5 ms of a 36 ms backward at d = 1024, T = 2048 on CPU).
     dx = dy @ weight if need_dx else None
-    G = dy @ Q if (need_dx or need_dP) else None
+    G = narrow_matmul(dy, Q) if (need_dx or need_dP) else None
     # (Sᵀ dy)ᵀ, not dyᵀ S: a wide (r, T)·(T, d) product reads dy along its rows and ran about 2x faster on CPU
     # (MKL) than the transposed-operand form; the transpose of an (r, d) result costs nothing.
-    dQ = _reduce_rows(S, dy).mul_(scale).t().contiguous() if need_dQ else None
+    dQ = reduce_rows(S, dy).mul_(scale).t().contiguous() if need_dQ else None
     dx_adapter = None
     if need_dx:
         if x_adapter is None:
             dx.addmm_(G, P.t(), alpha=scale)
         else:
             dx_adapter = (G @ P.t()).mul_(scale)
-    dP = _reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
+    dP = reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
     return dx, dP, dQ, dx_adapter
 
-
-def _reduce_rows(a: Tensor, b: Tensor) -> Tensor:
-    """aᵀ b (r, d) for a (T, r), b (T, d): the weight-gradient reduction over tokens.
-
-    With r ≪ d, MKL splits this product over d only, and on CPU with several threads it ran ~1.3x slower than
-    splitting the T reduction across the threads (a batched GEMM, one slice of tokens each) and summing the
-    (threads, r, d) partials. One thread keeps the plain product (the split only adds the sum there).
-    """
-    chunks = torch.get_num_threads() if a.device.type == "cpu" else 1
-    T = a.shape[0]
-    if chunks < 2 or T % chunks or T // chunks < 256:
-        return a.t() @ b
-    return torch.bmm(a.view(chunks, T // chunks, -1).transpose(1, 2), b.view(chunks, T // chunks, -1)).sum(0)
