@@ -149,3 +149,14 @@ def test_eager_backward_token_split_matches_float64_oracle(threads):
     assert_matches_oracle(dx, dy64 @ W64 + s * G @ P64.t(), torch.float32, "dx")
     assert_matches_oracle(dP, s * x64.t() @ G, torch.float32, "dP")
     assert_matches_oracle(dQ, s * dy64.t() @ (x64 @ P64), torch.float32, "dQ")
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 15, 16, 33])
+def test_narrow_matmul_matches_float64_product(n):
+    """The CPU operand-order choice of the rank-r products (transposed form below 16 columns)."""
+    from taillor.eager.gemm_forms import narrow_matmul
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(37, 29, generator=g), torch.randn(29, n, generator=g)
+    out = narrow_matmul(a, b)
+    assert out.shape == (37, n) and out.is_contiguous()
+    assert_matches_oracle(out, a.double() @ b.double(), torch.float32, f"N={n}")
