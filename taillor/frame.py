@@ -122,17 +122,18 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
             stacked = torch.stack([weights[where].detach() for where in chunk])
             U, S, V = _decompose(stacked, h, config)
             for i, where in enumerate(chunk):
-                head = _head_from_energy(S[i], config, where) if h_from_frame else h
-                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), head)
-                _FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir)
+                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), h)
             bar.update(len(chunk))
     bar.close()
     if world > 1:
         _broadcast_frames(missing, owners, entries, weights, heads, config)
-    if h_from_frame:
-        heads = {where: entries[where][3] for where in weights}
-    return {where: SpectralFrame(*(t.clone() for t in entries[where][:3]), heads[where],
-                                 penalty_weights(entries[where][1], heads[where], config.penalty_weighting),
+    for where in missing:
+        if h_from_frame:  # on every rank, so that a head_energy that leaves no tail raises on all of them
+            entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
+        # The disk cache is written by the rank that computed the frame.
+        _FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
+    return {where: SpectralFrame(*(t.clone() for t in entries[where][:3]), entries[where][3],
+                                 penalty_weights(entries[where][1], entries[where][3], config.penalty_weighting),
                                  config.frame)
             for where in weights}
 
@@ -225,9 +226,6 @@ def _broadcast_frames(missing, owners, entries, weights, heads, config) -> None:
                               w.new_empty(d_in, k, dtype=dtype), heads[where])
         for t in entries[where][:3]:
             dist.broadcast(t, src=owners[where])
-        if entries[where][3] is None:  # full frame with head_energy: h from the received singular values
-            entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
-        _FRAME_CACHE.put(_cache_key(w, config), entries[where], None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
