@@ -7,21 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import median, penalty_functions, sync
+from taillor.bench import median, penalty_functions, penalty_step
 
 from .registry import penalty_params, rounds
 
 
 def _step(fn, params, device):
-    import time
-    for p in params:
-        p.grad = None
-    sync(device)
-    t0 = time.perf_counter()
-    value = fn()
-    value.backward()
-    sync(device)
-    return time.perf_counter() - t0, float(value.detach())
+    """(forward+backward seconds, value)."""
+    _, seconds, value = penalty_step(fn, params, device)
+    return seconds, value
 
 
 @pytest.mark.parametrize("case,device,method", penalty_params())

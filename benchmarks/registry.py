@@ -1,8 +1,7 @@
 """The benchmark registry, seen from the pytest-benchmark suites.
 
 The shapes and cases live in :mod:`taillor.bench` (one place), because ``taillor bench`` has to work from an
-installed package, where this folder does not exist. This module re-exports them and turns them into pytest
-parameters: CPU cases always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under
+installed package, where this folder does not exist. This module turns them into pytest parameters: CPU cases always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under
 ``TAILLOR_BENCH_FAST=1`` (or ``pytest benchmarks --bench-fast``) every case is a toy one run once (CI).
 ``TAILLOR_BENCH_QUICK=1`` keeps the acceptance shapes only. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers of the 1B shapes on the CPU (slow).
 """
@@ -13,13 +12,7 @@ import os
 import pytest
 import torch
 
-from taillor.bench import (METHOD_LABELS, METHODS, SVD_METHODS, AdapterShape, FramesModel, PenaltyCase,
-                           SvdCase, adapter_shapes, fast_mode, frames_models, penalty_cases, rounds_for, svd_cases)
-
-__all__ = ["METHOD_LABELS", "METHODS", "SVD_METHODS", "AdapterShape", "FramesModel", "PenaltyCase", "SvdCase",
-           "PHASES", "adapter_params", "adapter_shapes", "devices", "fast_mode", "frames_models", "frames_params",
-           "full_mode", "penalty_cases", "penalty_params", "quick_mode", "rounds", "rounds_for", "svd_cases",
-           "svd_params"]
+from taillor.bench import METHODS, SVD_METHODS, adapter_shapes, frames_models, penalty_cases, rounds_for, svd_cases
 
 PHASES = ("fwd", "bwd", "fwd+bwd")
 

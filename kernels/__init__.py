@@ -88,16 +88,15 @@ def _aot_kernels():
     gemm = _adapter._tail_gemm_kernel
     pair = _projection._pair_kernel
     gram = _penalty._penalty_gram_kernel
-    for dt in ("fp32", "fp16", "bf16"):
-        t = dt  # Triton type name of the input dtype
+    for t in ("fp32", "fp16", "bf16"):  # Triton type names of the input dtype
         # The superset of the forward (y = x Wᵀ + b + s·S Qᵀ) and dx (dy W + s·G Pᵀ, G fp32) call sites.
-        entries.append(_entry("_tail_gemm_kernel", gemm, dt, "y / dx",
+        entries.append(_entry("_tail_gemm_kernel", gemm, t, "y / dx",
                               dict(a_ptr=t, b_ptr=t, c_ptr="fp32", d_ptr=t, bias_ptr=t, out_ptr=t), ("scale",),
                               dict(HAS_BIAS=True, HAS_LOWRANK=True, UPCAST=False,
                                    BLOCK_R=_adapter._MAX_BLOCK_R), gemm_cfg))
         pair_floats = ("alpha_a", "alpha_b")
         # Single-term products in the input dtype: adapter S, G = dy Q (fp32 out), dQ, dP; projection.
-        entries.append(_entry("_pair_kernel", pair, dt, "adapter / projection",
+        entries.append(_entry("_pair_kernel", pair, t, "adapter / projection",
                               dict(xa1_ptr=t, ya1_ptr=t, xa2_ptr="fp32", ya2_ptr="fp32", oa_ptr="fp32",
                                    xb1_ptr=t, yb1_ptr=t, xb2_ptr=t, yb2_ptr=t, ob_ptr=t,
                                    w_ptr="fp32", g_ptr="fp32"),
@@ -105,7 +104,7 @@ def _aot_kernels():
                               dict(A_RS1=False, A_RS2=False, B_RS1=False, B_RS2=False, HAS_G=False,
                                    TWO_TERMS=False, UPCAST=False, BLOCK_N=_projection._MAX_BLOCK_N), pair_cfg))
         # Penalty gradients: two terms, fp32 Grams, row scales by ω², device scalar g, fp32 arithmetic.
-        entries.append(_entry("_pair_kernel", pair, dt, "penalty grad",
+        entries.append(_entry("_pair_kernel", pair, t, "penalty grad",
                               dict(xa1_ptr=t, ya1_ptr="fp32", xa2_ptr=t, ya2_ptr="fp32", oa_ptr=t,
                                    xb1_ptr=t, yb1_ptr="fp32", xb2_ptr=t, yb2_ptr="fp32", ob_ptr=t,
                                    w_ptr="fp32", g_ptr="fp32"),
@@ -116,10 +115,10 @@ def _aot_kernels():
         # Gram kernel: full mode value (one pass over k) and head mode Grams.
         gram_block = dict(BLOCK_R=_penalty._MAX_BLOCK_R, BLOCK_L=_penalty._BLOCK_L)
         gram_launch = dict(num_warps=_penalty._GRAM_WARPS, num_stages=_penalty._GRAM_STAGES)
-        entries.append(_entry("_penalty_gram_kernel", gram, dt, "full value",
+        entries.append(_entry("_penalty_gram_kernel", gram, t, "full value",
                               dict(xb_ptr=t, xa_ptr=t, xbh_ptr=t, xah_ptr=t, w_ptr="fp32", out_ptr="fp32"),
                               ("coeff",), dict(FULL=True, STORE_GRAMS=False, **gram_block), **gram_launch))
-        entries.append(_entry("_penalty_gram_kernel", gram, dt, "head grams",
+        entries.append(_entry("_penalty_gram_kernel", gram, t, "head grams",
                               dict(xb_ptr=t, xa_ptr=t, xbh_ptr="fp32", xah_ptr="fp32", w_ptr="fp32",
                                    out_ptr="fp32"),
                               ("coeff",), dict(FULL=False, STORE_GRAMS=True, **gram_block), **gram_launch))

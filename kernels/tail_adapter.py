@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .spectral_projection import _INTERPRET, _Term, _check_2d, _check_device, _check_dtype, _launch_pair
+from .spectral_projection import (_INTERPRET, _Term, _accumulate_product, _check_2d, _check_device, _check_dtype,
+                                  _launch_pair)
 
 _MAX_BLOCK_R = 64
 
@@ -64,23 +65,11 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_ptrs = a_ptr + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
-    b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-        a_ptrs += BLOCK_K * s_ak
-        b_ptrs += BLOCK_K * s_bk
+    acc = _accumulate_product(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, K, offs_m, offs_n, mask_m, mask_n,
+                              UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if HAS_LOWRANK:
         # The extra K-chunk: scale · C Dᵀ, rank padded to BLOCK_R (masked), scale folded into C in fp32.

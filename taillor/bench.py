@@ -3,7 +3,7 @@
 This module is the one home of the benchmark *registry* (every shape and case the benchmarks use) and of the
 measurement code that the pytest-benchmark suites in ``benchmarks/`` share with the command. It lives in the
 installed package, not in ``benchmarks/``, because ``taillor bench`` must work from an installed wheel, where
-``benchmarks/`` does not exist; ``benchmarks/registry.py`` re-exports it.
+``benchmarks/`` does not exist; ``benchmarks/registry.py`` turns it into pytest parameters.
 
 Four comparisons, each measured in one run, interleaved round by round (the order rotates every round), and
 summarized by medians, so that a loaded machine slows every method alike:
@@ -314,10 +314,6 @@ class AdapterMethod:
     exclude: list                     # tensors not counted as saved activations (parameters, buffers)
     backend: Optional[str] = None
 
-    @property
-    def label(self) -> str:
-        return METHOD_LABELS[self.key]
-
     def forward(self, x: Tensor, device: torch.device) -> tuple[float, Tensor]:
         """A training-mode forward (autograd on) after clearing gradients; returns (seconds, y)."""
         x.grad = None
@@ -556,26 +552,21 @@ def measure_svd(case: SvdCase, device: torch.device, warmup: int = 1, rounds: in
     W, sigma = spectrum_matrix(case.m, case.n, case.decay, device=device)
     fns = svd_functions(case)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    errors: dict[str, float] = {}
-    angles: dict[str, float] = {}
-    V_true = None
+    last: dict[str, tuple[Tensor, Tensor]] = {}  # (S, V) of each method's last round (the methods are seeded)
     for key, fn in fns.items():
         for _ in range(warmup):
             fn(W)
     for i in range(rounds):
         keys = list(fns)
         for key in keys[i % 3:] + keys[:i % 3]:
-            seconds, (U, S, V) = time_call(lambda: fns[key](W), device)
+            seconds, (_, S, V) = time_call(lambda: fns[key](W), device)
             times[key].append(seconds)
-            errors[key] = sigma_rel_error(S, sigma)
-            if key == "linalg.svd":
-                V_true = V
+            last[key] = (S, V)
             if tick:
                 tick(0)
+    errors = {key: sigma_rel_error(S, sigma) for key, (S, _) in last.items()}
     # subspace agreement with the exact top-k right singular vectors
-    for key, fn in fns.items():
-        U, S, V = fn(W)
-        angles[key] = max_principal_angle(V, V_true if V_true is not None else fns["linalg.svd"](W)[2])
+    angles = {key: max_principal_angle(V, last["linalg.svd"][1]) for key, (_, V) in last.items()}
     rows = []
     for key in fns:
         rows.append({"suite": "svd", "shape": case.name, **asdict(case), "device": device.type, "method": key,
@@ -601,14 +592,9 @@ def penalty_functions(case: PenaltyCase, device: torch.device, seed: int = 0):
     omega2 = (torch.arange(d, device=device) < h).float() if case.frame == "full" else torch.ones(h, device=device)
     lam, scaling = 1e-3, 2.0
     coeff = lam * scaling ** 2
-    if case.frame == "full":
-        A = (torch.randn(r, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_(True)
-        B = (torch.randn(d, r, generator=gen) * 1e-2).to(device).requires_grad_(True)
-        Uh = Vh_ = None
-    else:
-        A = (torch.randn(r, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_(True)
-        B = (torch.randn(d, r, generator=gen) * 1e-2).to(device).requires_grad_(True)
-        Uh, Vh_ = U[:, :h].contiguous(), V[:, :h].contiguous()
+    A = (torch.randn(r, d, generator=gen) / math.sqrt(d)).to(device).requires_grad_(True)
+    B = (torch.randn(d, r, generator=gen) * 1e-2).to(device).requires_grad_(True)
+    Uh, Vh_ = (None, None) if case.frame == "full" else (U[:, :h].contiguous(), V[:, :h].contiguous())
     omega = omega2.sqrt()
 
     def gram():
@@ -626,35 +612,35 @@ def penalty_functions(case: PenaltyCase, device: torch.device, seed: int = 0):
     return gram, naive, [A, B]
 
 
+def penalty_step(fn: Callable[[], Tensor], params: list, device: torch.device) -> tuple[float, float, float]:
+    """One forward + backward of a penalty closure: (forward seconds, forward+backward seconds, value)."""
+    for p in params:
+        p.grad = None
+    sync(device)
+    t0 = time.perf_counter()
+    value = fn()
+    sync(device)
+    t1 = time.perf_counter()
+    value.backward()
+    sync(device)
+    return t1 - t0, time.perf_counter() - t0, float(value.detach())
+
+
 def measure_penalty(case: PenaltyCase, device: torch.device, warmup: int = 1, rounds: int = 7,
                     tick: Optional[Callable[[int], None]] = None) -> list[dict]:
     gram, naive, params = penalty_functions(case, device)
     fns = {"gram": gram, "naive": naive}
     fwd: dict[str, list[float]] = {k: [] for k in fns}
     both: dict[str, list[float]] = {k: [] for k in fns}
-
-    def step(fn):
-        for p in params:
-            p.grad = None
-        sync(device)
-        t0 = time.perf_counter()
-        value = fn()
-        sync(device)
-        t1 = time.perf_counter()
-        value.backward()
-        sync(device)
-        return t1 - t0, time.perf_counter() - t0, value
-
     values = {}
     for key, fn in fns.items():
         for _ in range(warmup):
-            step(fn)
+            penalty_step(fn, params, device)
     for i in range(rounds):
         for key in (("gram", "naive") if i % 2 == 0 else ("naive", "gram")):
-            f, fb, value = step(fns[key])
+            f, fb, values[key] = penalty_step(fns[key], params, device)
             fwd[key].append(f)
             both[key].append(fb)
-            values[key] = float(value.detach())
             if tick:
                 tick(0)
     labels = {"gram": "Gram form (taillor)", "naive": "naive (materialize ΔW)"}
@@ -716,15 +702,15 @@ class FramesBench:
         self.n_exact = sum(1 for W in self.weights.values()
                            if model.head + self.oversample >= EXACT_SVD_SHARE * min(W.shape))
 
-    def ours(self, weights: Optional[dict] = None) -> dict:
+    def ours(self) -> dict:
         from .frame import build_frames, clear_frame_cache
         clear_frame_cache()  # every call computes every frame (no cache hits across rounds)
-        frames = build_frames(self.weights if weights is None else weights, self.config)
+        frames = build_frames(self.weights, self.config)
         return {name: (f.U, f.S, f.V) for name, f in frames.items()}
 
-    def lowrank(self, weights: Optional[dict] = None) -> dict:
+    def lowrank(self) -> dict:
         h, out = self.model.head, {}
-        for name, W in (self.weights if weights is None else weights).items():
+        for name, W in self.weights.items():
             U, S, V = torch.svd_lowrank(W, q=min(h + self.oversample, *W.shape), niter=self.niter)
             out[name] = (U[:, :h], S[:h], V[:, :h])
         return out
@@ -861,10 +847,10 @@ def format_text(rows: list[dict]) -> str:
     return "\n".join(parts)
 
 
-def format_markdown(rows: list[dict], level: int = 3) -> str:
+def format_markdown(rows: list[dict]) -> str:
     parts = []
     for suite, (header, lines) in tables(rows).items():
-        parts.append(f"{'#' * level} {TITLES[suite]}\n")
+        parts.append(f"### {TITLES[suite]}\n")
         parts.append("| " + " | ".join(header) + " |")
         parts.append("|" + "|".join("---" for _ in header) + "|")
         for line in lines:
@@ -1041,6 +1027,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warmup, rounds = rounds_for(device.type, args.quick)
     if args.rounds is not None:
         rounds = max(1, args.rounds)
+    svd_rounds = max(1, min(rounds // 2, 7))  # each round runs the exact SVD too
     json_path, md_path = _output_paths(args.out)
 
     plan: list[tuple[str, object, int]] = []  # (suite, case, progress units)
@@ -1048,7 +1035,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         n_methods = len([m for m in methods if m != "taillor-triton" or device.type == "cuda"])
         plan += [("adapter", s, 1 + rounds * n_methods) for s in adapter_shapes(device.type, args.quick)]
     if "svd" in suites:
-        plan += [("svd", c, max(1, min(rounds // 2, 7)) * 3) for c in svd_cases(device.type, args.quick)]
+        plan += [("svd", c, svd_rounds * 3) for c in svd_cases(device.type, args.quick)]
     if "penalty" in suites:
         plan += [("penalty", c, rounds * 2) for c in penalty_cases(device.type, args.quick)]
     if "frames" in suites:
@@ -1090,7 +1077,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if suite == "adapter":
             rows += measure_adapter(case, device, methods, warmup, rounds, tick)
         elif suite == "svd":
-            rows += measure_svd(case, device, 1 if warmup else 0, max(1, min(rounds // 2, 7)), tick)
+            rows += measure_svd(case, device, 1 if warmup else 0, svd_rounds, tick)
         elif suite == "penalty":
             rows += measure_penalty(case, device, 1 if warmup else 0, rounds, tick)
         else:

@@ -107,7 +107,6 @@ def spectral_report(model: nn.Module) -> list[SpectralRow]:
 
     Uses the layer's own frame for U_h and V_h. Raises ValueError if the model has no TailLoR layer.
     """
-
     rows = []
     for name, layer in iter_taillor_layers(model):
         with torch.no_grad():

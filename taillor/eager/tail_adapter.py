@@ -43,4 +43,3 @@ def tail_adapter_backward(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, P: T
             dx_adapter = (G @ P.t()).mul_(scale)
     dP = reduce_rows(G, x_a).mul_(scale).t().contiguous() if need_dP else None
     return dx, dP, dQ, dx_adapter
-
