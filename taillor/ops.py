@@ -34,9 +34,17 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _register_device_kernel(op, kernel: Callable) -> None:
-    op.register_kernel("cpu", kernel)
-    op.register_kernel("cuda", kernel)
-    _DEVICE_KERNELS[op] = kernel
+    def without_autocast(*args):
+        # The callers cast the inputs to the autocast dtype themselves (TailLoRLinear.forward); autocast must not
+        # recast the products inside a kernel, or the forward's dtypes would not match its backward's.
+        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+        if not torch.is_autocast_enabled(device_type):
+            return kernel(*args)
+        with torch.autocast(device_type, enabled=False):
+            return kernel(*args)
+    op.register_kernel("cpu", without_autocast)
+    op.register_kernel("cuda", without_autocast)
+    _DEVICE_KERNELS[op] = without_autocast
 
 
 def _register_native(op, eager_fn: Callable, native_fn: Callable[[], Callable], wants_native: Callable) -> None:

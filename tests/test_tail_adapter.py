@@ -160,3 +160,27 @@ def test_narrow_matmul_matches_float64_product(n):
     out = narrow_matmul(a, b)
     assert out.shape == (37, n) and out.is_contiguous()
     assert_matches_oracle(out, a.double() @ b.double(), torch.float32, f"N={n}")
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_autocast_bf16_matches_float64_oracle(frame):
+    """Under torch.autocast (HF Trainer's bf16=True) the layer computes in bf16 and its gradients reach fp32 A, B."""
+    layer = make_layer(frame=frame)
+    x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        penalty = layer.spectral_penalty()
+    assert y.dtype == torch.bfloat16 and penalty.dtype == torch.float32
+    assert_matches_oracle(y.detach(), oracle_forward(layer, x.detach()), torch.bfloat16, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+    y.float().backward(dy)
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    U, V, s = layer.frame.U.double(), layer.frame.V.double(), layer.scaling
+    delta = s * (U @ B @ A @ V.t() if frame == "full" else B @ A)
+    (x64 @ (layer.base_layer.weight.detach().double() + delta).t()).backward(dy.double())
+    assert layer.lora_A.grad.dtype == torch.float32
+    assert_matches_oracle(x.grad, x64.grad, torch.bfloat16, "dx")
+    assert_matches_oracle(layer.lora_A.grad, A.grad, torch.bfloat16, "dA")
+    assert_matches_oracle(layer.lora_B.grad, B.grad, torch.bfloat16, "dB")
