@@ -30,9 +30,12 @@ class TailLoRConfig:
     head: h as an int count (1 <= h < m) or a float fraction of m in (0, 1).
     head_energy: if set, h is the smallest count whose squared singular values hold this share (0, 1) of the
         energy; overrides ``head``.
-    penalty: λ, weight of the spectral penalty (>= 0).
-    Defaults head=0.25 and penalty=10 come from the sweep on the demo (README, "Choosing head and penalty"): with
-    λ = 1e-3 the penalty was ~1e-5 against a task loss of ~1 and changed nothing; effects start near λ = 0.1.
+    penalty: λ, weight of the spectral penalty (>= 0); with ``head_share_target`` the starting λ of every layer.
+        ``penalty=0`` turns the penalty off, whatever the target.
+    head_share_target: if set (in (0, 1)), each layer adapts its own λ so that the pre-trained head holds this
+        share of its update's energy, (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) / (2‖ΔW‖²) (see :mod:`taillor.strength`). A
+        scale-free strength: it means the same at any learning rate, alpha/rank, layer size and training length,
+        where a fixed λ does not. An update blind to the spectrum puts about h/m there.
     penalty_weighting: ``"head"`` (ω = 1 on the head), ``"sigma"`` (σ_i/σ_0) or ``"sigma2"`` ((σ_i/σ_0)²).
     dropout: dropout probability on the adapter's input, in [0, 1).
     init: ``"kaiming"`` (A Kaiming-uniform, as PEFT) or ``"tail"`` (A zero on the head coordinates).
@@ -49,11 +52,12 @@ class TailLoRConfig:
     frame: str = "full"
     head: Union[int, float] = 0.25
     head_energy: Optional[float] = None
-    penalty: float = 10.0
+    penalty: float = 1.0
+    head_share_target: Optional[float] = 0.02
     penalty_weighting: str = "head"
     dropout: float = 0.0
     use_rslora: bool = False
-    init: str = "kaiming"
+    init: str = "tail"
     seed: int = 0
     svd_oversample: Optional[int] = None
     svd_niter: Optional[int] = None
@@ -74,6 +78,10 @@ class TailLoRConfig:
         _check_real("penalty", self.penalty)
         if self.penalty < 0:
             raise ValueError(f"TailLoRConfig.penalty must be >= 0, got {self.penalty!r}")
+        if self.head_share_target is not None:
+            _check_real("head_share_target", self.head_share_target)
+            if not 0.0 < self.head_share_target < 1.0:
+                raise ValueError(f"TailLoRConfig.head_share_target must be in (0, 1), got {self.head_share_target!r}")
         _check_real("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TailLoRConfig.dropout must be in [0, 1), got {self.dropout!r}")

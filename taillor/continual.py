@@ -34,6 +34,12 @@ and for a pre-trained skill measured before training (``base``) and after each t
 
 * :func:`retention` = scores / base (1.0 = fully kept), :func:`mean_cosine_similarity` for embedding drift.
 
+and against a **frozen reference** — the same run with the pre-trained model left as loaded (only task heads
+train), which every result needs: without it, a method that keeps old skills by not learning looks perfect:
+
+* :func:`plasticity` = ACC − ACC(frozen): what training the model added on the new tasks (≈ 0: it did not learn)
+* :func:`plasticity_per_task` = R[j][j] − R_frozen[j][j]: the same for each task just after it was learned
+
 The metric functions accept nested lists, NumPy arrays or tensors and raise :class:`ValueError` naming the
 offending entry for a matrix that is not square, is empty, or has a non-finite entry on or below the diagonal.
 """
@@ -56,6 +62,8 @@ __all__ = [
     "forgetting",
     "retention",
     "mean_cosine_similarity",
+    "plasticity",
+    "plasticity_per_task",
     "summarize",
 ]
 
@@ -86,6 +94,9 @@ def as_accuracy_matrix(R) -> list[list[float]]:
     for i, r in enumerate(rows):
         row = []
         for j, v in enumerate(r):
+            if v is None and j > i:  # not evaluated (JSON has no NaN)
+                row.append(math.nan)
+                continue
             try:
                 f = float(v)
             except (TypeError, ValueError) as e:
@@ -144,6 +155,24 @@ def mean_cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"expected two (N, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def plasticity(R, R_frozen) -> float:
+    """ACC(R) − ACC(R_frozen): accuracy gained by training the model, over a frozen reference run on the same
+    tasks (same heads, steps and seed). Both matrices must have the same size."""
+    R, R_frozen = as_accuracy_matrix(R), as_accuracy_matrix(R_frozen)
+    if len(R) != len(R_frozen):
+        raise ValueError(f"plasticity needs matrices of the same size, got {len(R)} and {len(R_frozen)} tasks")
+    return average_accuracy(R) - average_accuracy(R_frozen)
+
+
+def plasticity_per_task(R, R_frozen) -> list[float]:
+    """[R[j][j] − R_frozen[j][j] for each task j]: how much better each task was learned than by the frozen
+    reference, measured right after learning it (before any forgetting)."""
+    R, R_frozen = as_accuracy_matrix(R), as_accuracy_matrix(R_frozen)
+    if len(R) != len(R_frozen):
+        raise ValueError(f"plasticity needs matrices of the same size, got {len(R)} and {len(R_frozen)} tasks")
+    return [R[j][j] - R_frozen[j][j] for j in range(len(R))]
 
 
 def summarize(R) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def save_adapter(model: nn.Module, directory: str) -> None:
         base = layer.pretrained_weight()
         meta[name] = {"d_in": layer.in_features, "d_out": layer.out_features, "rank": config.rank,
                       "tasks_consolidated": layer.tasks_consolidated, "merged": layer.merged,
-                      "base_weight_norm": float(base.double().norm())}
+                      "base_weight_norm": float(base.double().norm()),
+                      "penalty_strength": float(layer.penalty_strength)}
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "taillor_version": __version__,
                 "config": config.to_dict(), "layers": meta}
     os.makedirs(directory, exist_ok=True)
@@ -110,6 +111,10 @@ def _check_against(model_layers: dict[str, nn.Linear], document: dict, tensors: 
                 raise ValueError(f"{name}.{part}: saved shape {tuple(tensor.shape)}, expected {shape}")
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{name}.{part}: saved tensor has non-finite entries")
+        strength = meta.get("penalty_strength", 0.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+                or strength < 0:
+            raise ValueError(f"{name}: saved penalty_strength {strength!r} is not a finite number >= 0")
         norm = float(linear.weight.detach().double().norm())
         if not math.isclose(norm, meta["base_weight_norm"], rel_tol=BASE_NORM_RTOL, abs_tol=1e-12):
             raise ValueError(f"{name}: this base weight (norm {norm:.6g}) is not the one the adapter was trained on "
@@ -163,6 +168,8 @@ def _restore_layer(layer: TailLoRLinear, meta: dict, tensors: dict, name: str) -
         else:
             layer.lora_A.copy_(P.t())
             layer.lora_B.copy_(Q)
+    if "penalty_strength" in meta:  # adapted λ (head_share_target); absent in adapters saved before it existed
+        layer.penalty_strength.fill_(float(meta["penalty_strength"]))
     if meta["merged"]:
         layer.merge()
 

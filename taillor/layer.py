@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .config import TailLoRConfig
 from .frame import SpectralFrame, compute_frame
+from .strength import dual_step, head_share
 
 
 def fold_delta(weight: Tensor, up: Tensor, down: Tensor, sign: float = 1.0) -> None:
@@ -75,6 +76,14 @@ class TailLoRLinear(nn.Module):
                              persistent=False)
         self.register_buffer("consolidated_down", torch.zeros(0, d_in, dtype=dtype, device=weight.device),
                              persistent=False)
+        # λ of this layer: config.penalty, or (head_share_target) adapted by a dual step per optimizer step.
+        self.register_buffer("penalty_strength", torch.tensor(float(config.penalty), dtype=dtype,
+                                                               device=weight.device), persistent=False)
+        # A and B at the last dual step: the next step waits until the optimizer has changed them. Compared
+        # elementwise, which is exact in eager and compiled code alike (a reduction's rounding is not).
+        for name_, shape in (("strength_seen_A", shape_A), ("strength_seen_B", shape_B)):
+            self.register_buffer(name_, torch.full(shape if self.adapts_strength else (0,), math.nan, dtype=dtype,
+                                                   device=weight.device), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.tasks_consolidated = 0
@@ -158,16 +167,55 @@ class TailLoRLinear(nn.Module):
             weight = self.base_layer.weight.to(self.lora_A.dtype) - self.consolidated_up @ self.consolidated_down
             return weight - self.delta_weight() if self.merged else weight
 
-    def spectral_penalty(self) -> Tensor:
-        """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B."""
-        coeff = self.config.penalty * self.scaling ** 2
+    def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
+        """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B.
+
+        λ is ``penalty`` when given (e.g. ``config.penalty``, to read the reference value), else the layer's
+        strength ``penalty_strength``: ``config.penalty``, or with ``config.head_share_target`` the adapted λ_l
+        (:mod:`taillor.strength`). In that mode a call in training mode with gradients enabled first takes one
+        dual step on λ_l if A or B changed since the last step: once per optimizer step, whatever the gradient
+        accumulation.
+        """
         frame = self.frame
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
         A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-        if self.config.frame == "full":
-            return F.spectral_penalty(A, B, None, None, frame.omega2, coeff)
-        return F.spectral_penalty(A, B, frame.U, frame.V, frame.omega2, coeff)
+        U, V = (None, None) if self.config.frame == "full" else (frame.U, frame.V)
+        s2 = self.scaling ** 2
+        if penalty is not None or not self.adapts_strength:
+            strength = self.config.penalty if penalty is None else penalty
+            return F.spectral_penalty(A, B, U, V, frame.omega2, strength * s2)
+        energy = F.spectral_penalty(A, B, U, V, frame.omega2, s2)
+        if self.training and torch.is_grad_enabled():
+            self._adapt_strength(energy.detach(), A.detach(), B.detach())
+        return self.penalty_strength.clone() * energy
+
+    @property
+    def adapts_strength(self) -> bool:
+        """Whether λ is adapted to ``config.head_share_target`` (else it is ``config.penalty``; 0 = off)."""
+        return self.config.head_share_target is not None and self.config.penalty > 0
+
+    def head_share(self) -> Tensor:
+        """The current update's ω²-weighted share of energy in the pre-trained head (:func:`strength.head_share`),
+        a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
+        with torch.no_grad():
+            A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
+            U, V = (None, None) if self.config.frame == "full" else (self.frame.U, self.frame.V)
+            energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
+            return head_share(energy, self._update_energy(A, B))
+
+    def _update_energy(self, A: Tensor, B: Tensor) -> Tensor:
+        """‖ΔW‖²_F = s²·⟨A Aᵀ, Bᵀ B⟩ (U and V have orthonormal columns), without forming ΔW."""
+        return self.scaling ** 2 * ((A @ A.t()) * (B.t() @ B)).sum()
+
+    def _adapt_strength(self, energy: Tensor, A: Tensor, B: Tensor) -> None:
+        with torch.no_grad():
+            changed = (A != self.strength_seen_A).any() | (B != self.strength_seen_B).any()
+            self.strength_seen_A.copy_(A)
+            self.strength_seen_B.copy_(B)
+            total = self._update_energy(A, B)
+            dual_step(self.penalty_strength, head_share(energy, total), changed & (total > 0),
+                      self.config.head_share_target)
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -116,14 +116,16 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def spectral_penalty(model: nn.Module) -> torch.Tensor:
+def spectral_penalty(model: nn.Module, penalty: float | None = None) -> torch.Tensor:
     """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): add it to the task loss yourself (never done
-    behind your back). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
+    behind your back). λ is each layer's strength (``config.penalty``, or its adapted λ with
+    ``head_share_target``), or ``penalty`` for all layers when given (e.g. the reference value of DESIGN's
+    formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
     layers = _require_layers(model, "spectral_penalty")
     device = layers[0][1].lora_A.device
     total = torch.zeros((), device=device, dtype=torch.float32)
     for _, layer in layers:
-        total = total + layer.spectral_penalty().to(device=device, dtype=torch.float32)
+        total = total + layer.spectral_penalty(penalty).to(device=device, dtype=torch.float32)
     return total
 
 

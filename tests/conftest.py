@@ -43,8 +43,9 @@ def dense_delta(layer) -> torch.Tensor:
     return s * B @ A
 
 
-def dense_penalty(layer, A=None, B=None) -> torch.Tensor:
-    """Oracle penalty λ(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) with ΔW materialized in float64 (differentiable in A, B)."""
+def dense_penalty(layer, A=None, B=None, strength=None) -> torch.Tensor:
+    """Oracle penalty λ(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) with ΔW materialized in float64 (differentiable in A, B);
+    λ = ``strength``, default ``layer.config.penalty``."""
     A = layer.lora_A.detach().double() if A is None else A
     B = layer.lora_B.detach().double() if B is None else B
     U, V = layer.frame.U.double(), layer.frame.V.double()
@@ -52,4 +53,14 @@ def dense_penalty(layer, A=None, B=None) -> torch.Tensor:
     delta = s * (U @ B @ A @ V.t() if layer.config.frame == "full" else B @ A)
     omega = layer.frame.omega2.double().sqrt()
     omega_U, omega_V = U * omega, V * omega
-    return layer.config.penalty * ((omega_U.t() @ delta).pow(2).sum() + (delta @ omega_V).pow(2).sum())
+    strength = layer.config.penalty if strength is None else strength
+    return strength * ((omega_U.t() @ delta).pow(2).sum() + (delta @ omega_V).pow(2).sum())
+
+
+def dense_head_share(layer) -> float:
+    """Oracle share (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) / (2‖ΔW‖²) with ΔW materialized in float64."""
+    delta = dense_delta(layer)
+    omega = layer.frame.omega2.double().sqrt()
+    U, V = layer.frame.U.double() * omega, layer.frame.V.double() * omega
+    weighted = (U.t() @ delta).pow(2).sum() + (delta @ V).pow(2).sum()
+    return float(weighted / (2 * delta.pow(2).sum()))

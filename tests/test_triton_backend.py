@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def make_layer(frame, dtype, **options):
     torch.manual_seed(0)
     linear = nn.Linear(96, 80).to(DEVICE, dtype)
-    layer = taillor.TailLoRLinear.from_linear(linear, rank=4, head=8, frame=frame, penalty=0.3,
+    layer = taillor.TailLoRLinear.from_linear(linear, rank=4, head=8, frame=frame, penalty=0.3, head_share_target=None,
                                               penalty_weighting="sigma", **options)
     with torch.no_grad():
         layer.lora_B.normal_(generator=torch.Generator().manual_seed(1)) if DEVICE == "cpu" else layer.lora_B.normal_()

@@ -1,0 +1,62 @@
+"""What defines a demo run: the methods compared and :class:`DemoSettings` (recorded in results.json)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from ..config import TailLoRConfig
+
+__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS"]
+
+METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
+ADAPTER_METHODS = ("taillor-full", "taillor-head", "lora-continued", "lora-merged")
+LABELS = {
+    "frozen": "frozen (heads only)",
+    "taillor-full": "TailLoR (full frame)",
+    "taillor-head": "TailLoR (head frame)",
+    "lora-continued": "LoRA (continued)",
+    "lora-merged": "LoRA (merge+restart)",
+    "full-ft": "full fine-tuning",
+}
+
+_LIBRARY = {f.name: f.default for f in fields(TailLoRConfig)}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything that defines a demo run. TailLoR runs with the library's defaults (head, penalty,
+    head_share_target, init) unless they are overridden here; ``penalty=0`` turns the penalty off."""
+
+    n_train: int = 160          # training examples per class (capped by the smallest class)
+    n_test: int = 40            # test examples per class
+    retrieval_pairs: int = 200  # docstring/code pairs for the retention probe
+    steps: int = 100            # optimizer steps per task
+    batch_size: int = 16
+    max_length: int = 64        # tokens (task texts and retrieval texts)
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = ("query", "value")
+    lr: float = 1e-3            # TailLoR
+    lr_lora: float = 1e-3       # PEFT LoRA, both variants (the best of its sweep on the frontier, see README)
+    lr_full: float = 3e-5       # full fine-tuning
+    lr_head: float = 5e-2       # the task heads, for every method and the frozen reference
+    head: float = _LIBRARY["head"]  # TailLoR head (fraction of min(d_out, d_in))
+    report_head: float = 0.25   # the head in which the spectral report measures every method's update
+    penalty: float = _LIBRARY["penalty"]
+    head_share_target: Optional[float] = _LIBRARY["head_share_target"]
+    init: str = _LIBRARY["init"]
+    seeds: int = 3
+    methods: tuple = METHODS
+    workers: int = 2            # processes that run methods side by side, one torch thread each
+
+    def taillor_config(self, frame: str, seed: int) -> TailLoRConfig:
+        """The TailLoRConfig of the TailLoR methods under these settings."""
+        return TailLoRConfig(rank=self.rank, alpha=self.alpha, target_modules=list(self.targets), frame=frame,
+                             head=self.head, penalty=self.penalty, init=self.init, seed=seed,
+                             head_share_target=self.head_share_target)
+
+
+# --quick: <= 5 min on 2 CPU cores (two workers with one torch thread each; measured, see README).
+QUICK = DemoSettings(n_train=80, n_test=32, retrieval_pairs=100, steps=30, max_length=40, seeds=1)
+DEFAULT = DemoSettings()

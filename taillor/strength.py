@@ -1,0 +1,54 @@
+"""The penalty's strength λ: fixed, or adapted per layer so that the head holds a target share of the update.
+
+Why a target. With Adam, a fixed λ's effect is not a property of λ: a head coordinate settles where the task
+gradient g balances the penalty's pull 2λs²·b, i.e. near b ≈ g / (2λs²), while the unpenalized tail grows like
+lr × steps. Which of the two wins — the head shut (the model barely learns), or open (it forgets like LoRA) —
+depends on the loss scale, the layer, s = alpha/r, the learning rate and the training length. Measured on the demo,
+λ = 1e-3 did nothing and λ = 10 froze short runs.
+
+The share of the update's energy that lands in the pre-trained head is scale-free:
+
+    share(ΔW) = (‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) / (2‖ΔW‖²_F)   ∈ [0, 1]
+
+(the left and right ω²-weighted head energies, averaged; for ``penalty_weighting="head"`` it is the mean of
+the spectral report's head shares, and an update that ignores the spectrum has share ≈ h/m). With
+``head_share_target=ρ`` each layer keeps its own λ_l and takes one dual-ascent step per optimizer step:
+
+    log λ_l ← log λ_l + η · clamp(log(share_l / ρ), −2, 2),      η = HEAD_SHARE_GAIN
+
+so λ_l rises while the head holds more than ρ of the layer's update and falls while it holds less: the smallest
+strength that meets the target, found for this layer, loss and optimizer. The penalty that enters the loss is
+still the reference formula, λ_l · (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): the new form equals it with λ = λ_l.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Dual-ascent gain: log λ moves by at most 2η = 0.4 a step (×1.5), so λ can cross four decades in ~25 steps and
+# short runs still reach their target, while one noisy step cannot move it by more than that factor.
+HEAD_SHARE_GAIN = 0.2
+_LOG_RATIO_CLAMP = 2.0
+# λ stays in this range: the floor keeps log λ finite when the head is unused, the ceiling keeps the penalty's
+# gradient finite when a layer cannot meet its target.
+STRENGTH_RANGE = (1e-8, 1e8)
+
+
+def head_share(weighted_energy: Tensor, total_energy: Tensor) -> Tensor:
+    """share = weighted / (2·total), 0 where the update is zero; 0-dim tensors in, 0-dim tensor out."""
+    return torch.where(total_energy > 0, weighted_energy / (2 * total_energy).clamp_min(torch.finfo(
+        total_energy.dtype).tiny), torch.zeros_like(total_energy))
+
+
+def dual_step(strength: Tensor, share: Tensor, active: Tensor, target: float) -> None:
+    """One dual-ascent step of ``strength`` (a 0-dim tensor, updated in place) towards ``share == target``, taken
+    only where ``active`` (a 0-dim bool tensor: the adapter changed since the last step and ΔW ≠ 0, since the share
+    of a zero update is undefined). Tensor ops only: no host synchronisation, and torch.compile traces it.
+    """
+    ratio = torch.log(share.clamp_min(target * math.exp(-_LOG_RATIO_CLAMP)) / target)
+    step = HEAD_SHARE_GAIN * ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    step = torch.where(active, step, torch.zeros_like(step))
+    low, high = STRENGTH_RANGE
+    strength.copy_((strength.log() + step.to(strength.dtype)).exp().clamp(low, high))

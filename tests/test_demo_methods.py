@@ -1,0 +1,94 @@
+"""The demo's methods and reports: the frozen reference never changes its encoder, plasticity is paired with the
+frozen run of the same seed, the frontier marks dominated points, and the command line rejects bad values."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taillor.demo import frontier, summary
+from taillor.demo.methods import Method, train_sequence
+from taillor.demo.run import build_parser, prepare, settings_from_args
+from taillor.demo.settings import QUICK
+
+TINY = QUICK.__class__(n_train=4, n_test=2, retrieval_pairs=8, steps=2, max_length=16, seeds=1, workers=1)
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return prepare(TINY, log=lambda *_: None)
+
+
+def test_frozen_reference_leaves_every_encoder_parameter_bit_identical(ctx):
+    method = Method("frozen", ctx["model"], TINY, seed=0)
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    record = train_sequence(method, ctx, TINY, seed=0, log=lambda *_: None, progress=False)
+    after = method.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert record["trainable_params"] == 0 and record["spectral"] == []
+    assert record["probes"]["cosine_to_base"][-1] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_a_trained_method_does_change_its_encoder(ctx):
+    method = Method("lora-merged", ctx["model"], TINY, seed=0)
+    before = {k: v.clone() for k, v in method.model.state_dict().items() if "query" in k and "weight" in k}
+    train_sequence(method, ctx, TINY, seed=0, log=lambda *_: None, progress=False)
+    after = method.model.state_dict()  # merged after each task: the base weights moved
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+def _run(method, seed, acc_rows, r1_final=0.5, cos=0.9):
+    return {"method": method, "seed": seed, "R": acc_rows, "metrics": {"acc": sum(acc_rows[-1]) / 2, "bwt": 0.0,
+            "forgetting": 0.0}, "probes": {"retrieval_r1": [0.5, r1_final], "cosine_to_base": [1.0, cos]},
+            "head_share": 0.1, "wall_seconds": 1.0, "trainable_params": 10}
+
+
+def test_plasticity_is_paired_with_the_frozen_run_of_the_same_seed():
+    runs = [_run("frozen", 0, [[0.6, None], [0.6, 0.5]]), _run("frozen", 1, [[0.7, None], [0.7, 0.7]]),
+            _run("lora-merged", 0, [[0.8, None], [0.7, 0.7]]), _run("lora-merged", 1, [[0.8, None], [0.7, 0.9]]),
+            _run("full-ft", 2, [[0.8, None], [0.7, 0.9]])]
+    summary.with_plasticity(runs)
+    assert runs[2]["plasticity"] == pytest.approx(0.7 - 0.55)
+    assert runs[3]["plasticity"] == pytest.approx(0.8 - 0.7)
+    assert runs[0]["plasticity"] == 0.0 and runs[4]["plasticity"] is None  # no frozen run with seed 2
+    table = summary.format_table(runs, ["frozen", "lora-merged", "full-ft"])
+    assert "plasticity" in table.splitlines()[0]
+    assert table.splitlines()[2].startswith("frozen")
+    assert "+0.125±0.035" in table and "n/a" in table
+
+
+def test_frontier_marks_dominated_points_per_retention_axis():
+    rows = [{"plasticity": (0.0, 0), "r1_retention": (1.0, 0), "cosine": (1.0, 0)},
+            {"plasticity": (0.1, 0), "r1_retention": (0.9, 0), "cosine": (0.8, 0)},
+            {"plasticity": (0.05, 0), "r1_retention": (0.8, 0), "cosine": (0.9, 0)},
+            {"plasticity": (0.1, 0), "r1_retention": (0.95, 0), "cosine": (0.7, 0)}]
+    assert frontier.dominated(rows, "r1_retention") == [False, True, True, False]
+    assert frontier.dominated(rows, "cosine") == [False, False, False, True]
+
+
+def test_frontier_grid_sweeps_every_method():
+    quick, full = frontier.frontier_points(quick=True), frontier.frontier_points(quick=False)
+    assert {p.method for p in quick} == {"frozen", "taillor-full", "taillor-head", "lora-merged", "lora-continued",
+                                         "full-ft"}
+    lora_lrs = {dict(p.overrides)["lr_lora"] for p in quick if p.method == "lora-merged"}
+    assert len(lora_lrs) >= 3  # the baseline is tuned over its learning rate
+    assert len(full) > len(quick)
+    for p in full:
+        if p.method.startswith("taillor"):
+            p.settings(TINY).taillor_config("full", 0)  # every TailLoR point is a valid config
+
+
+@pytest.mark.parametrize("argv, match", [(["--seeds", "0"], "seeds"), (["--methods", "nope"], "unknown method"),
+                                         (["--workers", "0"], "workers"),
+                                         (["--head-share-target", "2"], "head_share_target")])
+def test_command_line_rejects_bad_values(argv, match):
+    with pytest.raises(ValueError, match=match):
+        settings_from_args(build_parser().parse_args(argv))
+
+
+def test_command_line_fixed_penalty_and_overrides():
+    s = settings_from_args(build_parser().parse_args(["--quick", "--fixed-penalty", "--penalty", "3", "--lr-lora",
+                                                      "3e-3"]))
+    cfg = s.taillor_config("head", 0)
+    assert cfg.head_share_target is None and cfg.penalty == 3.0 and s.lr_lora == 3e-3
+    assert settings_from_args(build_parser().parse_args(["--penalty", "0"])).taillor_config("full", 0).penalty == 0
