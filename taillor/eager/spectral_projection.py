@@ -1,7 +1,8 @@
 """Eager kernels of the spectral projection (full frame): P = V Aᵀ, Q = U B and its backward.
 
 Shapes: U (d_out, k), V (d_in, k), A (r, k), B (k, r) -> P (d_in, r), Q (d_out, r).
-Backward: dA = dPᵀ V (r, k), dB = Uᵀ dQ (k, r) (P is linear in A, Q in B).
+Backward: dA = dPᵀ V (r, k), dB = Uᵀ dQ (k, r) (P is linear in A, Q in B); a None upstream gradient gives an
+empty 1-D output (the op schema's "not computed").
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def spectral_projection_forward(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> t
 
 
 def spectral_projection_backward(dP: Optional[Tensor], dQ: Optional[Tensor], U: Tensor,
-                                 V: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    dA = dP.t() @ V if dP is not None else None
-    dB = (dQ.t() @ U).t().contiguous() if dQ is not None else None  # (dQᵀ U)ᵀ: no transposed (d, k) operand
+                                 V: Tensor) -> tuple[Tensor, Tensor]:
+    dA = dP.t() @ V if dP is not None else U.new_empty(0)
+    dB = (dQ.t() @ U).t().contiguous() if dQ is not None else U.new_empty(0)  # (dQᵀ U)ᵀ: no transposed (d, k)
     return dA, dB
