@@ -60,6 +60,23 @@ def interpreted(kernel):
     return twin
 
 
+@contextlib.contextmanager
+def _interpreted_language() -> Iterator[None]:
+    """Triton's own ``@jit`` library functions (``tl.cdiv``, ``tl.sum``, ...) as interpreted twins, for the
+    duration of one interpreted launch (they are JITFunctions when triton was imported without the interpreter)."""
+    import triton.language as language
+    import triton.language.standard as standard
+    saved = [(module, name, value) for module in (language, standard) for name, value in vars(module).items()
+             if isinstance(value, JITFunction)]
+    for module, name, value in saved:
+        setattr(module, name, interpreted(value))
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
 def device_guard(t: torch.Tensor):
     """``torch.cuda.device(t.device)`` for a CUDA tensor (launch on the tensors' device), else a no-op."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -97,7 +114,7 @@ def check_device(**tensors) -> None:
     for name, dev in devices.items():
         if dev != first:
             raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; all inputs must share a device")
-    if first.type != "cuda" and not interpreting() and not _RECORDING:
+    if first.type != "cuda" and not interpreting() and _RECORDING is None:
         raise ValueError(f"{first_name} is on {first}: Triton kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 to run them on the CPU)")
 
@@ -239,7 +256,8 @@ def launch(kernel, grid: Callable[[dict], tuple], args: Sequence, constexprs: di
         return
     if interpreting():
         meta = {**constexprs, **interpret_config}
-        interpreted(kernel)[grid(meta)](*args, **meta)
+        with _interpreted_language():
+            interpreted(kernel)[grid(meta)](*args, **meta)
         return
     ref = next(a for a in args if isinstance(a, torch.Tensor))
 
