@@ -118,24 +118,10 @@ def test_torch_compile_inductor_forward_backward(frame):
         assert_matches_oracle(b, a, torch.float32, "grad")
 
 
-def test_backend_selection(monkeypatch):
-    from taillor import backends
-    monkeypatch.setenv("TAILLOR_BACKEND", "eager")
-    assert backends.use_triton(torch.device("cpu")) is False
-    monkeypatch.setenv("TAILLOR_BACKEND", "auto")
-    assert backends.use_triton(torch.device("cpu")) is False
-    monkeypatch.setenv("TAILLOR_BACKEND", "fast")
-    with pytest.raises(ValueError, match="'fast'"):
-        backends.requested_backend()
-    monkeypatch.setenv("TAILLOR_BACKEND", "triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        taillor.taillor_linear(*_adapter_args()[:6])
-
-
 def test_info_reports_backends_and_extension():
     data = taillor.info()
     assert data["cuda_extension"] in ("built", "missing")
     assert data["torch"] == torch.__version__ and "triton_kernels" in data and "backends" in data
+    assert data["adapter_route"] in ("split", "fused") and set(data["ops"]) == set(ops.OPS)
     from taillor.cli import main
     assert main(["info"]) == 0

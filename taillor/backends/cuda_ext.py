@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_extension, register_impl
+from .. import backends as registry
+from . import register_impl
 
 
 def randomized_svd(A, k, niter, oversample, seed):
     """The extension on A (..., m, n): it takes one batch dimension, so leading dims are flattened and restored."""
     batch = A.shape[:-2]
-    U, S, V = cuda_extension().randomized_svd(A.reshape(-1, *A.shape[-2:]).contiguous(), k, niter, oversample, seed)
+    U, S, V = registry.cuda_extension().randomized_svd(A.reshape(-1, *A.shape[-2:]).contiguous(), k, niter, oversample, seed)
     return U.reshape(*batch, *U.shape[-2:]), S.reshape(*batch, k), V.reshape(*batch, *V.shape[-2:])
 
 
 def _unavailable():
-    return None if cuda_extension() is not None else (
+    return None if registry.cuda_extension() is not None else (
         "taillor._C is not built (reinstall with a CUDA build of torch and nvcc: "
         "pip install --no-build-isolation -e .)")
 
