@@ -92,26 +92,29 @@ def taillor_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor,
 # spectral_projection
 # ---------------------------------------------------------------------------------------------------------------
 def _projection_setup_context(ctx, inputs, output):
-    _, _, U, V = inputs
+    _, _, U, V, _ = inputs
     ctx.save_for_backward(U, V)
 
 
 def _projection_backward(ctx, dP, dQ):
     U, V = ctx.saved_tensors
     dA, dB = ops.call(ops.spectral_projection_bwd, dP, dQ, U, V)
-    return _none_if_empty(dA), _none_if_empty(dB), None, None
+    return _none_if_empty(dA), _none_if_empty(dB), None, None, None
 
 
 _spectral_projection = _differentiable("SpectralProjection", ops.spectral_projection_fwd,
                                        _projection_setup_context, _projection_backward)
 
 
-def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor,
+                        out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Full-frame adapter factors in layer coordinates: P = V Aᵀ (d_in, r) and Q = U B (d_out, r).
 
-    A: (r, k); B: (k, r); U: (d_out, k); V: (d_in, k); one floating dtype. Differentiable in A and B.
+    A: (r, k); B: (k, r); U: (d_out, k); V: (d_in, k); one floating dtype. ``out_dtype`` (default: that dtype)
+    is the dtype of P and Q: pass the layer's 16-bit activation dtype to get them ready for the adapter product
+    (on CUDA the projection then runs on tensor cores). Differentiable in A and B (gradients in A's dtype).
     """
-    return _spectral_projection(A, B, U, V)
+    return _spectral_projection(A, B, U, V, None if out_dtype == A.dtype else out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

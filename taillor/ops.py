@@ -95,13 +95,15 @@ _register_device_kernel(tail_adapter_bwd, "tail_adapter_bwd", ref=0)
 # spectral_projection (full frame): P = V Aᵀ, Q = U B
 # ---------------------------------------------------------------------------------------------------------------
 @custom_op("taillor::spectral_projection_fwd", mutates_args=())
-def spectral_projection_fwd(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    return eager_projection.spectral_projection_forward(A, B, U, V)
+def spectral_projection_fwd(A: Tensor, B: Tensor, U: Tensor, V: Tensor,
+                            out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+    return eager_projection.spectral_projection_forward(A, B, U, V, out_dtype)
 
 
 @spectral_projection_fwd.register_fake
-def _(A, B, U, V):
-    return A.new_empty(V.shape[0], A.shape[0]), B.new_empty(U.shape[0], B.shape[1])
+def _(A, B, U, V, out_dtype):
+    dtype = A.dtype if out_dtype is None else out_dtype
+    return A.new_empty(V.shape[0], A.shape[0], dtype=dtype), B.new_empty(U.shape[0], B.shape[1], dtype=dtype)
 
 
 @custom_op("taillor::spectral_projection_bwd", mutates_args=())

@@ -111,5 +111,5 @@ def test_opcheck_with_triton_kernels(route):
     w = torch.rand(8, generator=g).to(DEVICE)
     with taillor.use_backend("triton", adapter=route):
         torch.library.opcheck(ops.tail_adapter_fwd, (x, W, b, P, Q, 0.5, None))
-        torch.library.opcheck(ops.spectral_projection_fwd, (A, B, U, V))
+        torch.library.opcheck(ops.spectral_projection_fwd, (A, B, U, V, None))
         torch.library.opcheck(ops.spectral_penalty_fwd, (A, B, None, None, w, 0.5))
