@@ -141,7 +141,7 @@ run_stage bench_adapter_quick 80 "$PY" -m taillor.cli bench --device cuda --quic
 run_stage bench_spectral 110 "$PY" -m taillor.cli bench --device cuda --suites svd,penalty,frames --no-progress \
     --out "$OUT/bench/spectral.json"
 run_stage bench_adapter_grid 120 "$PY" -m taillor.cli bench --device cuda --suites adapter --no-progress \
-    --methods linear,peft,taillor-eager,taillor-triton,naive-xv --rounds 15 --out "$OUT/bench/adapter-2-grid.json"
+    --methods linear,peft,taillor-eager,taillor-fused,taillor-split,naive-xv --rounds 15 --out "$OUT/bench/adapter-2-grid.json"
 run_stage bench_pytest 75 env TAILLOR_BENCH_QUICK=1 TAILLOR_BENCH_ROUNDS=10 "$PY" -m pytest benchmarks -m gpu -q \
     -k "not compile" -p no:cacheprovider --benchmark-json="$OUT/bench/pytest-benchmark.json" \
     --benchmark-columns=median,rounds

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -93,7 +93,10 @@ _DEVICE_INFO: dict = {}
 
 
 def device_info(device: torch.device) -> Optional[DeviceInfo]:
-    """SM count, shared-memory limit and compute capability of a CUDA device (None for other devices)."""
+    """SM count, shared-memory limit and compute capability of a CUDA device (None for other devices; while
+    recording, meta tensors stand for the device given to :func:`recording`)."""
+    if device.type == "meta" and _RECORDING_DEVICE is not None:
+        return _RECORDING_DEVICE
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -161,14 +164,19 @@ def smem_estimate(config: triton.Config, itemsize: int, n_width: int = 0) -> int
     return (kw["BLOCK_M"] + kw.get("BLOCK_N", n_width)) * kw["BLOCK_K"] * itemsize * max(config.num_stages, 1)
 
 
+def configs_within(configs: Sequence[triton.Config], limit: int, itemsize: int,
+                   n_width: int = 0) -> list[triton.Config]:
+    """The configs whose estimated shared memory is at most ``limit`` bytes; never empty (else the smallest)."""
+    kept = [c for c in configs if smem_estimate(c, itemsize, n_width) <= limit]
+    return kept or [min(configs, key=lambda c: smem_estimate(c, itemsize, n_width))]
+
+
 def fitting(configs: Sequence[triton.Config], device: torch.device, itemsize: int,
             n_width: int = 0) -> list[triton.Config]:
-    """The configs whose estimated shared memory fits ``device`` (all of them off CUDA); never empty."""
+    """The configs that fit ``device``'s shared memory (all of them off CUDA). ``itemsize`` is the largest
+    element size among the pipelined operands (they are staged in shared memory before any conversion)."""
     info = device_info(device)
-    if info is None:
-        return list(configs)
-    kept = [c for c in configs if smem_estimate(c, itemsize, n_width) <= info.shared_limit]
-    return kept or [min(configs, key=lambda c: smem_estimate(c, itemsize, n_width))]
+    return list(configs) if info is None else configs_within(configs, info.shared_limit, itemsize, n_width)
 
 
 def autotune_enabled() -> bool:
@@ -209,6 +217,19 @@ def benchmark(fn: Callable[[], None]) -> float:
 
 
 TUNER = Tuner()
+_FORCED_CONFIG: Optional[int] = None
+
+
+@contextlib.contextmanager
+def forced_config(index: int) -> Iterator[None]:
+    """Launch every site with its ``index``-th config (modulo the list's length), untuned: lets the compiled-kernel
+    tests check every config of every kernel, not only the ones a tuner picks on the test machine."""
+    global _FORCED_CONFIG
+    previous, _FORCED_CONFIG = _FORCED_CONFIG, index
+    try:
+        yield
+    finally:
+        _FORCED_CONFIG = previous
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,36 +244,42 @@ class Launch:
     configs: list
     tune_key: tuple
     site: str = ""
-    extra: dict = field(default_factory=dict)
+    smem: tuple = (4, 0)  # (itemsize, n_width) for configs_within
 
 
 _RECORDING: Optional[list] = None
+_RECORDING_DEVICE: Optional[DeviceInfo] = None
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list]:
-    """Capture launches (a list of :class:`Launch`) instead of running them; tensors may be meta tensors."""
-    global _RECORDING
-    previous, _RECORDING = _RECORDING, []
+def recording(sm_count: Optional[int] = None) -> Iterator[list]:
+    """Capture launches (a list of :class:`Launch`) instead of running them; tensors may be meta tensors, which
+    then stand for a GPU with ``sm_count`` SMs (for split-K decisions) and unlimited shared memory (every config
+    is kept: ``taillor check-kernels`` checks each against the real limits)."""
+    global _RECORDING, _RECORDING_DEVICE
+    previous = _RECORDING, _RECORDING_DEVICE
+    _RECORDING = []
+    _RECORDING_DEVICE = None if sm_count is None else DeviceInfo(sm_count, 1 << 30, (9, 0))
     try:
         yield _RECORDING
     finally:
-        _RECORDING = previous
+        _RECORDING, _RECORDING_DEVICE = previous
 
 
 def launch(kernel, grid: Callable[[dict], tuple], args: Sequence, constexprs: dict,
            configs: Sequence[triton.Config], interpret_config: dict, tune_dims: Sequence[int],
-           site: str) -> None:
+           site: str, smem: tuple = (4, 0)) -> None:
     """Launch ``kernel`` over ``grid(meta)`` with the best of ``configs`` for the bucket of ``tune_dims``.
 
     ``args`` are the runtime arguments in order (tensors first among them set the device), ``constexprs`` the
     call's flags. Under the interpreter the single ``interpret_config`` runs (autotuning several configs does not
-    work there). The tuning key is (site, flags, tensor dtypes, bucketed dims).
+    work there). The tuning key is (site, flags, tensor dtypes, bucketed dims). ``smem`` = (itemsize, n_width)
+    says how the configs' shared memory was estimated (kept for ``taillor check-kernels``).
     """
     dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
     key = (site, tuple(sorted(constexprs.items())), dtypes, tuple(bucket(d) for d in tune_dims))
     if _RECORDING is not None:
-        _RECORDING.append(Launch(kernel, tuple(args), dict(constexprs), list(configs), key, site))
+        _RECORDING.append(Launch(kernel, tuple(args), dict(constexprs), list(configs), key, site, smem))
         return
     if interpreting():
         meta = {**constexprs, **interpret_config}
@@ -266,6 +293,9 @@ def launch(kernel, grid: Callable[[dict], tuple], args: Sequence, constexprs: di
         kernel[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     with device_guard(ref):
-        can_benchmark = autotune_enabled() and not torch.cuda.is_current_stream_capturing()
-        cfg = TUNER.choose(key + (ref.device.index,), list(configs), run, can_benchmark)
+        if _FORCED_CONFIG is not None:
+            cfg = configs[_FORCED_CONFIG % len(configs)]
+        else:
+            can_benchmark = autotune_enabled() and not torch.cuda.is_current_stream_capturing()
+            cfg = TUNER.choose(key + (ref.device.index,), list(configs), run, can_benchmark)
         run(cfg)

@@ -233,10 +233,10 @@ def launch_pair(out_a, terms_a, alpha_a=1.0, out_b=None, terms_b=(), alpha_b=1.0
         bm = meta["BLOCK_M"]
         return (triton.cdiv(ma, bm) + triton.cdiv(mb, bm), triton.cdiv(max(na, nb), meta["BLOCK_N"]), split_k)
 
-    itemsize = 4 if dot == tl.float32 else 2
+    itemsize = max((t.element_size() for term in terms_a + terms_b if term is not None for t in term), default=4)
     configs = [PAIR_FP32_CONFIG] if upcast else fitting(PAIR_CONFIGS, out_a.device, itemsize, bn)
     launch(_pair_kernel, grid, args, flags, configs, _PAIR_INTERPRET_CONFIG, (ma, mb, max(na, nb), k_len, split_k),
-           site)
+           site, (itemsize, bn))
     if split_k > 1:
         for out, partial in ((out_a, targets_a), (out_b, targets_b)):
             if out.numel():

@@ -140,7 +140,8 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     configs = fitting(gemm_configs(out.dtype), out.device, out.element_size())
-    launch(_tail_gemm_kernel, grid, args, flags, configs, _GEMM_INTERPRET_CONFIG, (M, N, K, R), site)
+    launch(_tail_gemm_kernel, grid, args, flags, configs, _GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
+           (out.element_size(), 0))
 
 
 _TL_16BIT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
