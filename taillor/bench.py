@@ -1012,6 +1012,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         description="TailLoRLinear vs nn.Linear (the floor) and PEFT LoRA (the peer); randomized SVD, penalty and "
                     "frame building. Prints ratio tables and writes bench.json and bench.md.")
     parser.add_argument("--quick", action="store_true", help="acceptance shapes only (and fewer rounds on CUDA)")
+    parser.add_argument("--speed-target", action="store_true",
+                        help="adapter suite on the device's acceptance shape only (one frame, one exact SVD)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None,
@@ -1076,7 +1078,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan: list[tuple[str, object, int]] = []  # (suite, case, progress units)
     if "adapter" in suites:
         n_methods = len([m for m in methods if m not in ("taillor-fused", "taillor-split") or device.type == "cuda"])
-        plan += [("adapter", s, 1 + rounds * n_methods) for s in adapter_shapes(device.type, args.quick)]
+        shapes = adapter_shapes(device.type, args.quick)
+        if args.speed_target and not fast_mode():
+            shapes = [GPU_ACCEPTANCE if device.type == "cuda" else CPU_ACCEPTANCE]
+        plan += [("adapter", s, 1 + rounds * n_methods) for s in shapes]
     if "svd" in suites:
         plan += [("svd", c, svd_rounds * 3) for c in svd_cases(device.type, args.quick)]
     if "penalty" in suites:
