@@ -183,6 +183,10 @@ def autotune_enabled() -> bool:
     return os.environ.get("TAILLOR_AUTOTUNE", "1").strip() not in ("0", "false", "no")
 
 
+_CONFIG_ERRORS = tuple(getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError")
+                       if hasattr(triton.runtime.errors, name))
+
+
 class Tuner:
     """Best config per tuning key, benchmarked once per key (see the module docstring)."""
 
@@ -204,7 +208,7 @@ class Tuner:
             self.benchmarks += 1
             try:
                 timings.append((benchmark(lambda: run(candidate)), candidate))
-            except triton.runtime.errors.OutOfResources:
+            except _CONFIG_ERRORS:  # too much shared memory or registers for this GPU: not a candidate here
                 continue
         cfg = min(timings, key=lambda t: t[0])[1] if timings else configs[0]
         self.best[key] = cfg

@@ -9,9 +9,11 @@ Four comparisons, each measured in one run, interleaved round by round (the orde
 summarized by medians, so that a loaded machine slows every method alike:
 
 * adapter: frozen nn.Linear (the floor), PEFT LoRA at the same rank (the peer), TailLoRLinear eager,
-  TailLoRLinear Triton (CUDA), torch.compile of the eager TailLoRLinear, and the naive frame adapter that projects
-  activations through the frame, y = base(x) + s·(((x V) Aᵀ) Bᵀ) Uᵀ. Forward (training mode, autograd on),
-  backward (input grad + adapter grads) and both; "× floor" is the median over rounds of the per-round ratio.
+  TailLoRLinear Triton (CUDA: fused and split routes), torch.compile of the eager TailLoRLinear, and the naive frame
+  adapter that projects activations through the frame, y = base(x) + s·(((x V) Aᵀ) Bᵀ) Uᵀ. Forward (training mode,
+  autograd on), backward (input grad + adapter grads) and both; "× floor" is the median over rounds of the
+  per-round ratio. Every TailLoR output and gradient is compared with the eager TailLoRLinear's first ("vs eager";
+  FAILED marks a mismatch).
 * svd: taillor.randomized_svd vs torch.svd_lowrank with the same sketch (q = k + oversample, same niter) vs
   torch.linalg.svd, with the relative error of the top-k singular values next to the time.
 * penalty: the spectral penalty in r×r Gram form vs materializing ΔW (forward + backward).

@@ -70,6 +70,9 @@ def test_taillor_bench_command_writes_json(tmp_path, monkeypatch):
         for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "ratio_fwd", "ratio_bwd", "ratio_fwd_bwd"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
     assert adapter["linear"]["ratio_fwd_bwd"] == pytest.approx(1.0)
+    # Every timed TailLoR-family output is compared with the eager TailLoRLinear's (a mismatch would say FAILED).
+    assert adapter["naive-xv"]["check"].startswith("ok (max diff to eager: y ")
+    assert "check" not in adapter["linear"] and "check" not in adapter["peft"]
     suites = {r["suite"] for r in data["rows"]}
     assert suites == {"adapter", "svd", "penalty", "frames"}
     for row in data["rows"]:

@@ -94,8 +94,9 @@ def test_every_config(route, dtype, index):
         check_tail_adapter(*ROUTES[route], 300, 512, 384, 16, dtype, True, False, CUDA)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the device guard)")
 def test_launch_follows_the_tensors_device():
-    """The device guard: a launch on tensors of the last GPU works whatever the current device is."""
+    """The device guard: a launch on tensors of the second GPU works while the current device is the first."""
     device = torch.device(CUDA, torch.cuda.device_count() - 1)
     with torch.cuda.device(0):
         check_spectral_projection(K.spectral_projection_forward, K.spectral_projection_backward, 50, 96, 80, 4,

@@ -166,9 +166,9 @@ def _resolve(op: str, device_type: str, dtype: torch.dtype, setting: str, route:
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
-    eager = next(i for i in impls if i.family == "eager")
+    eager_impl = next(i for i in impls if i.family == "eager")
     if setting == "eager":
-        return eager
+        return eager_impl
     triton_impls = [i for i in impls if i.family == "triton"]
     if setting == "triton" and triton_impls:
         # The route picks among the Triton implementations of the adapter op; other ops have one.
@@ -185,7 +185,7 @@ def _resolve(op: str, device_type: str, dtype: torch.dtype, setting: str, route:
             continue
         if _why_not(impl, device_type, dtype, False) is None:
             return impl
-    return eager
+    return eager_impl
 
 
 # ---------------------------------------------------------------------------------------------------------------
