@@ -23,10 +23,13 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import triton
+import triton.language
 import triton.testing
 from triton.runtime.jit import JITFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TL_DTYPES = {torch.float32: triton.language.float32, torch.float16: triton.language.float16,
+             torch.bfloat16: triton.language.bfloat16}
 
 
 def interpreting() -> bool:
@@ -153,6 +156,11 @@ def empty_output(like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # configs and tuning
 # ---------------------------------------------------------------------------------------------------------------
+def pow2_block(n: int, cap: int) -> int:
+    """A tile width for a dimension of size n: the next power of two, at least 16 (tl.dot's minimum), at most cap."""
+    return min(cap, max(16, triton.next_power_of_2(max(int(n), 1))))
+
+
 def bucket(n: int) -> int:
     """The tuning bucket of a size: the next power of two (0 and 1 stay themselves)."""
     return triton.next_power_of_2(int(n)) if n > 1 else int(n)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_2d, check_device, check_dtype, launch
+from .launch import check_2d, check_device, check_dtype, launch, pow2_block
 from .spectral_projection import Term, launch_pair
 
 MAX_BLOCK_R = 32  # fp32 FMA dots: small tiles keep registers and compile time low
@@ -117,10 +117,6 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
         tl.store(out_ptr + pid_i * tl.num_programs(1) + pid_j, part)
 
 
-def block_r(r):
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(max(int(r), 1))))
-
-
 def _check_inputs(A, B, U, V, omega2):
     """Validate and return (mode_is_full, r, h)."""
     check_2d("A", A)
@@ -169,7 +165,7 @@ def _head_factors(A, B, U, V, r, h):
 
 def _grams(A, B, A_hT, B_h, omega2, r, k_or_h, full, out, coeff=0.0):
     store = out.dim() == 3
-    br = block_r(r)
+    br = pow2_block(r, MAX_BLOCK_R)
     nr = triton.cdiv(r, br)
     if full:
         A_hT, B_h = A.t(), B
@@ -190,7 +186,7 @@ def spectral_penalty_forward(A, B, U, V, omega2, coeff):
     in A's dtype (the op schema).
     """
     full, r, kh = _check_inputs(A, B, U, V, omega2)
-    nr = triton.cdiv(r, block_r(r))
+    nr = triton.cdiv(r, pow2_block(r, MAX_BLOCK_R))
     parts = torch.empty((nr * nr,), device=A.device, dtype=torch.float32)
     A_hT = B_h = None
     if not full:

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (FLOAT_DTYPES, check_2d, check_device, check_dtype, device_info, empty_output, fitting,
-                     interpreting, launch)
+from .launch import (FLOAT_DTYPES, TL_DTYPES, check_2d, check_device, check_dtype, device_info, empty_output,
+                     fitting, interpreting, launch, pow2_block)
 
 MAX_BLOCK_N = 64  # widest output tile along the rank dimension; wider outputs get more programs
 _SPLIT_MIN_CHUNK = 1024  # split-K only when every chunk keeps at least this many K elements
@@ -152,13 +152,6 @@ PAIR_CONFIGS = [
 # fp32-arithmetic call sites (penalty gradients, head factors: small problems) use one fixed config.
 PAIR_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
 _PAIR_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64}
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def block_n(n):
-    return min(MAX_BLOCK_N, max(16, triton.next_power_of_2(max(int(n), 1))))
-
-
 # One product term X (M, K) @ Y (K, N), both tensors with arbitrary strides.
 Term = collections.namedtuple("Term", ["x", "y"])
 
@@ -206,7 +199,7 @@ def launch_pair(out_a, terms_a, alpha_a=1.0, out_b=None, terms_b=(), alpha_b=1.0
     mb, nb = out_b.shape
     if ma * na + mb * nb == 0:
         return
-    bn = min(max_block_n, block_n(max(na, nb)))
+    bn = pow2_block(max(na, nb), min(max_block_n, MAX_BLOCK_N))
     k_len = max((t.x.shape[1] for t in terms_a + terms_b if t is not None), default=0)
     if split_k is None:
         info = device_info(out_a.device)
@@ -225,7 +218,7 @@ def launch_pair(out_a, terms_a, alpha_a=1.0, out_b=None, terms_b=(), alpha_b=1.0
     if upcast or interpreting():
         dot = tl.float32
     else:
-        dot = _TL_DTYPES[dot_dtype or first.dtype]
+        dot = TL_DTYPES[dot_dtype or first.dtype]
     flags = dict(A_RS1=rs_a[0], A_RS2=rs_a[1], B_RS1=rs_b[0], B_RS2=rs_b[1], HAS_G=g is not None,
                  TWO_TERMS=two_terms, DOT_DTYPE=dot, BLOCK_N=bn)
 

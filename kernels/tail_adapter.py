@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (check_2d, check_device, check_dtype, check_row_major, empty_output, fitting, interpreting,
-                     launch)
+from .launch import (TL_DTYPES, check_2d, check_device, check_dtype, check_row_major, empty_output, fitting,
+                     interpreting, launch, pow2_block)
 from .spectral_projection import Term, accumulate_product, launch_pair
 
 MAX_BLOCK_R = 64
@@ -114,10 +114,6 @@ def gemm_configs(dtype):
     return GEMM_CONFIGS if dtype == torch.float32 else GEMM_16BIT_CONFIGS
 
 
-def block_r(r):
-    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(max(int(r), 1))))
-
-
 def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
     """out = a @ b_t + scale · c @ dᵀ + bias. ``b_t`` is the (K, N) right operand as a strided view;
     c (M, R) and d (N, R) may be None (no low-rank chunk)."""
@@ -133,8 +129,8 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
             a.stride(0), a.stride(1), b_t.stride(1), b_t.stride(0),
             cc.stride(0), cc.stride(1), dd.stride(0), dd.stride(1), out.stride(0), out.stride(1),
             float(scale))
-    dot = tl.float32 if (interpreting() or out.dtype == torch.float32) else _TL_16BIT[out.dtype]
-    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot, BLOCK_R=block_r(R))
+    dot = tl.float32 if interpreting() else TL_DTYPES[out.dtype]
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot, BLOCK_R=pow2_block(R, MAX_BLOCK_R))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -142,9 +138,6 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
     configs = fitting(gemm_configs(out.dtype), out.device, out.element_size())
     launch(_tail_gemm_kernel, grid, args, flags, configs, _GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
            (out.element_size(), 0))
-
-
-_TL_16BIT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def check_adapter_inputs(x, weight, bias, P, Q, x_adapter):
