@@ -145,7 +145,7 @@ def main(argv=None):
     if not entries:
         parser.error(f"--only {args.only!r} matches no call site")
     jobs = [(i, cc, args.only) for i in range(len(entries)) for cc in archs]
-    if args.jobs == 1 or len(jobs) == 1:
+    if args.jobs == 1 or len(jobs) <= 8:  # a few builds: spawning workers (each imports torch) costs more
         results = [_build(*job) for job in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Triton/CUDA state
