@@ -2,8 +2,9 @@
 kernels/tail_adapter.py and tests/test_tail_adapter.py.
 
 For each shape of the registry, in the same run: nn.Linear, PEFT LoRA at the same rank, TailLoRLinear eager,
-TailLoRLinear Triton (CUDA), torch.compile of the eager layer and the naive frame adapter (x·V); forward,
-backward and both. The floor runs in pytest-benchmark's ``setup`` before every round of the method (interleaved),
+TailLoRLinear Triton (CUDA: fused and split routes), torch.compile of the eager layer and the naive frame adapter
+(x·V); forward, backward and both. Every TailLoR method's outputs and gradients are first compared with the eager
+TailLoRLinear's (``extra_info["check"]``); a mismatch fails the benchmark. The floor runs in pytest-benchmark's ``setup`` before every round of the method (interleaved),
 timed by us, and so does PEFT for the TailLoR methods (the peer of issue 2's "faster than PEFT"); ``extra_info``
 holds the medians of the per-round ratios to them (``ratio_to_floor``, ``ratio_to_peft``) and the peak memory.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import build_adapter_methods, median
+from taillor.bench import CHECKED_METHODS, build_adapter_methods, check_outputs, median
 
 from .registry import adapter_params, rounds
 
@@ -26,7 +27,8 @@ def _methods(shape, device):
         _CACHE.clear()
         if device == "cuda":
             torch.cuda.empty_cache()
-        _CACHE[key] = {"built": build_adapter_methods(shape, torch.device(device)), "warm": set(), "memory": {}}
+        _CACHE[key] = {"built": build_adapter_methods(shape, torch.device(device)), "warm": set(), "memory": {},
+                       "checks": None}
     return _CACHE[key]
 
 
@@ -47,6 +49,11 @@ def test_tail_adapter(benchmark, shape, device, method, phase):
             for _ in range(max(warmup, 1 if key == "taillor-compile" else 0)):
                 cases[key].step(x, dy, dev)
             entry["warm"].add(key)
+    if method in CHECKED_METHODS:  # every timed TailLoR output against the eager TailLoRLinear's, once per shape
+        if entry["checks"] is None:
+            entry["checks"] = check_outputs(cases, list(cases), x, dy, dev, shape.torch_dtype)
+        benchmark.extra_info["check"] = entry["checks"][method]
+        assert not entry["checks"][method].startswith("FAILED"), entry["checks"][method]
     method_times = []
 
     def setup():

@@ -26,10 +26,11 @@
 //   rank-deficient matrix, is ill-conditioned by construction.
 // * Fallback: a matrix of the batch whose Cholesky fails (cuSOLVER info != 0, e.g. a zero or exactly
 //   rank-deficient sketch) or whose Cholesky factor has max(diag R) / min(diag R) > kMaxDiagRatio = 1e5
-//   (a lower bound of cond(X); the Gram is then too ill-conditioned to trust) in either pass is
-//   re-orthonormalized from its original columns by Householder QR (at::linalg_qr), with column signs
-//   fixed so that diag(R) >= 0, like CholeskyQR. Householder QR is unconditionally stable and returns orthonormal
-//   columns even for zero columns; only the flagged matrices take this slower path.
+//   (a lower bound of cond(X); the Gram is then too ill-conditioned to trust) in either pass of any orth()
+//   of the range finder is flagged on the device; after the range finder, the flagged matrices redo it with
+//   Householder QR (at::linalg_qr, column signs fixed so that diag(R) >= 0, like CholeskyQR) for every
+//   orth(). Householder QR is unconditionally stable and returns orthonormal columns even for zero columns;
+//   only the flagged matrices take this slower path.
 // * The small SVD goes through the eigenproblem of G = B B^T in float64: sigma_i^2 is then resolved down
 //   to ~1e-16 sigma_1^2, below the float32 noise floor of B itself (~1e-7 sigma_1). V = Bt E / sigma is
 //   re-orthonormalized with the same orth(); columns whose sigma <= sigma_1 * eps32 * max(m, n) (noise or
@@ -37,9 +38,15 @@
 //   orthonormal directions (finite V even for a zero matrix) instead of amplifying noise by 1/sigma.
 //
 // Everything runs on the current CUDA stream: cuBLAS through torch's handle, cuSOLVER through a handle of
-// our own (one per thread and device), ATen ops on the current stream. The host synchronises only for the
-// NaN/Inf check of A (bindings.cpp), the per-orth() check for matrices that need the fallback, and inside
-// at::linalg_eigh.
+// our own (one per thread and device), ATen ops on the current stream.
+//
+// Host synchronisations: a constant number per call, none per power iteration. CholeskyQR2 flags the matrices it
+// cannot trust on the device, and the flags of every orth() of the range finder are OR-ed together; the
+// finiteness of A is checked on the device too, on the sketch A Omega (a NaN or Inf in A reaches it with
+// probability 1: a pass over m x l numbers instead of m x n). One copy to the host after the range finder reads
+// both: NaN/Inf raises ValueError; flagged matrices (rare: zero or exactly rank-deficient sketches) redo the range
+// finder with Householder QR for every orth(), from the same sketch. at::linalg_eigh checks its own errors (one
+// more synchronisation), and the final orth() of V reads its flags once.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -224,9 +231,19 @@ std::tuple<at::Tensor, at::Tensor> cholesky_upper_(at::Tensor& G, cusolverDnHand
   return {at::triu(G), info};
 }
 
-// Orthonormal basis of the columns of X (b, r, c), float32, r >= c: Q (b, r, c) float32 with X = Q R,
-// R upper triangular with diag(R) >= 0. CholeskyQR2 in float64, Householder fallback per matrix.
-at::Tensor orthonormalize(const at::Tensor& X, cusolverDnHandle_t solver) {
+// Householder QR of X (b, r, c), r >= c, with column signs fixed so that diag(R) >= 0 (like CholeskyQR):
+// unconditionally stable, and orthonormal columns even for zero columns.
+at::Tensor householder_orth(const at::Tensor& X) {
+  auto [Q, R] = at::linalg_qr(X, "reduced");
+  at::Tensor sign = R.diagonal(0, -2, -1).sign();
+  sign = at::where(sign.eq(0), at::ones_like(sign), sign);
+  return (Q * sign.unsqueeze(-2)).contiguous();
+}
+
+// CholeskyQR2 of X (b, r, c), float32, r >= c, in float64: Q (b, r, c) float32 and, on the device, the flags
+// (b,) bool of the matrices whose result cannot be trusted (Cholesky failure or diag-ratio above kMaxDiagRatio in
+// either pass). No host synchronisation.
+std::tuple<at::Tensor, at::Tensor> cholesky_qr2(const at::Tensor& X, cusolverDnHandle_t solver) {
   TORCH_INTERNAL_ASSERT(X.dim() == 3 && X.scalar_type() == at::kFloat && X.size(1) >= X.size(2));
   const int64_t batch = X.size(0);
   const int64_t c = X.size(2);
@@ -242,19 +259,45 @@ at::Tensor orthonormalize(const at::Tensor& X, cusolverDnHandle_t solver) {
     // NaN-safe: each comparison is false for NaN, so a NaN diagonal is flagged.
     const at::Tensor ok = info.eq(0).logical_and(dmin.gt(0)).logical_and(dmax.le(dmin * kMaxDiagRatio));
     bad.logical_or_(ok.logical_not());
-    // Flagged matrices get R = I so the solve stays finite; their result is replaced below.
+    // Flagged matrices get R = I so the solve stays finite; the caller replaces their result.
     R = at::where(bad.view({batch, 1, 1}), eye, R);
     W = at::linalg_solve_triangular(R, W, /*upper=*/true, /*left=*/false);  // W <- W R^{-1}
   }
-  at::Tensor Q = W.to(at::kFloat).contiguous();
-  if (bad.any().item<bool>()) {
-    const at::Tensor idx = bad.nonzero().view({-1});
-    auto [Qh, Rh] = at::linalg_qr(X.index_select(0, idx), "reduced");
-    at::Tensor sign = Rh.diagonal(0, -2, -1).sign();
-    sign = at::where(sign.eq(0), at::ones_like(sign), sign);
-    Q.index_copy_(0, idx, Qh * sign.unsqueeze(-2));
+  return {W.to(at::kFloat).contiguous(), bad};
+}
+
+// orth() of the range finder: CholeskyQR2 with its flags OR-ed into `flags` (robust == false), or Householder QR.
+struct Orthonormalizer {
+  cusolverDnHandle_t solver;
+  bool robust;
+  at::Tensor flags;  // (b,) bool on the device; unused when robust
+
+  at::Tensor operator()(const at::Tensor& X) {
+    if (robust) return householder_orth(X);
+    auto [Q, bad] = cholesky_qr2(X, solver);
+    flags.logical_or_(bad);
+    return Q;
+  }
+};
+
+// Range finder with subspace iteration: an orthonormal basis Q (b, m, l) of the dominant range of A (b, m, n)
+// from the sketch omega (b, n, l). Sets `nonfinite` (b,) bool on the device: A Omega has a NaN or Inf.
+at::Tensor range_finder(const at::Tensor& A, const at::Tensor& omega, int64_t niter, Orthonormalizer& orth,
+                        at::Tensor* nonfinite) {
+  const at::Tensor Y = bgemm(A, false, omega, false);  // (b, m, l)
+  if (nonfinite != nullptr) *nonfinite = at::isfinite(Y).logical_not().flatten(1).any(1);
+  at::Tensor Q = orth(Y);
+  for (int64_t it = 0; it < niter; ++it) {
+    const at::Tensor Z = orth(bgemm(A, true, Q, false));  // A^T Q: (b, n, l)
+    Q = orth(bgemm(A, false, Z, false));                  // A Z:   (b, m, l)
   }
   return Q;
+}
+
+at::Tensor gaussian_sketch(int64_t batch, int64_t n, int64_t l, int64_t seed, const at::TensorOptions& f32) {
+  at::Tensor omega = at::empty({batch, n, l}, f32);
+  fill_gaussian(omega, seed);
+  return omega;
 }
 
 }  // namespace
@@ -273,14 +316,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   const at::Tensor A = A_in.to(at::kFloat).contiguous();  // half inputs: converted once
   cusolverDnHandle_t solver = solver_handle();
 
-  // Range finder with subspace iteration.
-  at::Tensor omega = at::empty({batch, n, l}, f32);
-  fill_gaussian(omega, seed);
-  at::Tensor Q = orthonormalize(bgemm(A, false, omega, false), solver);  // (b, m, l)
-  omega.reset();
-  for (int64_t it = 0; it < niter; ++it) {
-    const at::Tensor Z = orthonormalize(bgemm(A, true, Q, false), solver);  // A^T Q: (b, n, l)
-    Q = orthonormalize(bgemm(A, false, Z, false), solver);                  // A Z:   (b, m, l)
+  // Range finder with subspace iteration (CholeskyQR2, flags kept on the device).
+  Orthonormalizer orth{solver, /*robust=*/false, at::zeros({batch}, A.options().dtype(at::kBool))};
+  at::Tensor nonfinite;
+  at::Tensor Q = range_finder(A, gaussian_sketch(batch, n, l, seed, f32), niter, orth, &nonfinite);
+
+  // The one host synchronisation of the range finder: NaN/Inf and the matrices CholeskyQR2 could not handle.
+  const at::Tensor status = at::stack({nonfinite.any(), orth.flags.any()}).cpu();
+  TORCH_CHECK_VALUE(!status[0].item<bool>(), "randomized_svd: A contains NaN or Inf (shape ", A_in.sizes(),
+                    ", detected on the sketch A Omega)");
+  if (status[1].item<bool>()) {
+    // Redo the flagged matrices with Householder QR, from the same (regenerated) sketch columns.
+    const at::Tensor idx = orth.flags.nonzero().view({-1});
+    Orthonormalizer robust{solver, /*robust=*/true, at::Tensor()};
+    const at::Tensor omega = gaussian_sketch(batch, n, l, seed, f32).index_select(0, idx);
+    Q.index_copy_(0, idx, range_finder(A.index_select(0, idx), omega, niter, robust, nullptr));
   }
 
   // Small SVD of B = Q^T A through the eigenproblem of B B^T (float64).
@@ -298,7 +348,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   const at::Tensor tol = S64.narrow(-1, 0, 1) * rel_tol;  // (b, 1)
   const at::Tensor keep = S64.gt(tol);
   const at::Tensor inv_sigma = at::where(keep, S64.reciprocal(), at::zeros_like(S64)).to(at::kFloat);
-  at::Tensor V = orthonormalize(Vraw * inv_sigma.unsqueeze(-2), solver);  // (b, n, k)
+  const at::Tensor Vscaled = Vraw * inv_sigma.unsqueeze(-2);
+  auto [V, bad] = cholesky_qr2(Vscaled, solver);  // (b, n, k)
+  if (bad.any().item<bool>()) {  // zeroed (noise) columns: Householder completes them orthonormally
+    const at::Tensor idx = bad.nonzero().view({-1});
+    V.index_copy_(0, idx, householder_orth(Vscaled.index_select(0, idx)));
+  }
   return {U, S64.to(at::kFloat), V};
 }
 

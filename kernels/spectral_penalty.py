@@ -33,11 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .spectral_projection import _Term, _check_2d, _check_device, _check_dtype, _launch_pair
+from .launch import check_2d, check_device, check_dtype, launch, pow2_block
+from .spectral_projection import Term, launch_pair
 
-_MAX_BLOCK_R = 32  # fp32 FMA dots: small tiles keep registers and compile time low
-_BLOCK_L = 32
-_GRAM_WARPS, _GRAM_STAGES = 4, 2  # one fixed config: a tiny O(k·r²) problem, not worth autotuning
+MAX_BLOCK_R = 32  # fp32 FMA dots: small tiles keep registers and compile time low
+BLOCK_L = 32
+GRAM_CONFIG = triton.Config({}, num_warps=4, num_stages=2)  # one fixed config: a tiny O(k·r²) problem, not worth autotuning
 
 
 @triton.jit
@@ -116,25 +117,21 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
         tl.store(out_ptr + pid_i * tl.num_programs(1) + pid_j, part)
 
 
-def _block_r(r):
-    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(max(int(r), 1))))
-
-
 def _check_inputs(A, B, U, V, omega2):
     """Validate and return (mode_is_full, r, h)."""
-    _check_2d("A", A)
+    check_2d("A", A)
     r = A.shape[0]
-    _check_2d("B", B, cols=r)
+    check_2d("B", B, cols=r)
     if r < 1:
         raise ValueError(f"A has shape {tuple(A.shape)}: rank must be >= 1")
-    _check_dtype("A", A)
-    _check_dtype("B", B, A.dtype)
+    check_dtype("A", A)
+    check_dtype("B", B, A.dtype)
     if (U is None) != (V is None):
         raise ValueError("U and V must both be given (head mode) or both be None (full mode)")
     if not isinstance(omega2, torch.Tensor) or omega2.dim() != 1:
         raise ValueError(f"omega2 must be a 1-D tensor, got "
                          f"{tuple(omega2.shape) if isinstance(omega2, torch.Tensor) else type(omega2).__name__}")
-    _check_dtype("omega2", omega2)
+    check_dtype("omega2", omega2)
     if omega2.shape[0] > 1 and omega2.stride(0) != 1:
         raise ValueError(f"omega2 must be contiguous (stride {omega2.stride(0)}); call .contiguous() first")
     if U is None:
@@ -143,17 +140,17 @@ def _check_inputs(A, B, U, V, omega2):
             raise ValueError(f"B has shape {tuple(B.shape)}, expected ({k}, {r}) to match A {tuple(A.shape)}")
         if omega2.shape[0] != k:
             raise ValueError(f"omega2 has length {omega2.shape[0]}, expected k = {k}")
-        _check_device(A=A, B=B, omega2=omega2)
+        check_device(A=A, B=B, omega2=omega2)
         return True, r, k
     d_out, d_in = B.shape[0], A.shape[1]
-    _check_2d("U", U, rows=d_out)
+    check_2d("U", U, rows=d_out)
     h = U.shape[1]
-    _check_2d("V", V, rows=d_in, cols=h)
-    _check_dtype("U", U, A.dtype)
-    _check_dtype("V", V, A.dtype)
+    check_2d("V", V, rows=d_in, cols=h)
+    check_dtype("U", U, A.dtype)
+    check_dtype("V", V, A.dtype)
     if omega2.shape[0] != h:
         raise ValueError(f"omega2 has length {omega2.shape[0]}, expected h = {h}")
-    _check_device(A=A, B=B, U=U, V=V, omega2=omega2)
+    check_device(A=A, B=B, U=U, V=V, omega2=omega2)
     return False, r, h
 
 
@@ -161,23 +158,23 @@ def _head_factors(A, B, U, V, r, h):
     """A_hᵀ = V_hᵀ Aᵀ (h, r) and B_h = U_hᵀ B (h, r), fp32, one launch."""
     A_hT = torch.empty((h, r), device=A.device, dtype=torch.float32)
     B_h = torch.empty((h, r), device=A.device, dtype=torch.float32)
-    _launch_pair(A_hT, [_Term(V.t(), A.t())], 1.0, B_h, [_Term(U.t(), B)], 1.0, upcast=True,
-                 max_block_n=_MAX_BLOCK_R)
+    launch_pair(A_hT, [Term(V.t(), A.t())], 1.0, B_h, [Term(U.t(), B)], 1.0, upcast=True,
+                max_block_n=MAX_BLOCK_R, site="penalty head factors")
     return A_hT, B_h
 
 
 def _grams(A, B, A_hT, B_h, omega2, r, k_or_h, full, out, coeff=0.0):
     store = out.dim() == 3
-    br = _block_r(r)
+    br = pow2_block(r, MAX_BLOCK_R)
     nr = triton.cdiv(r, br)
     if full:
         A_hT, B_h = A.t(), B
-    _penalty_gram_kernel[(nr, nr)](
-        B, B.stride(1), B.stride(0), A, A.stride(0), A.stride(1),
-        B_h, B_h.stride(1), B_h.stride(0), A_hT, A_hT.stride(1), A_hT.stride(0),
-        omega2, out, r, B.shape[0], A.shape[1], k_or_h, float(coeff),
-        FULL=full, STORE_GRAMS=store, BLOCK_R=br, BLOCK_L=_BLOCK_L,
-        num_warps=_GRAM_WARPS, num_stages=_GRAM_STAGES)
+    args = (B, B.stride(1), B.stride(0), A, A.stride(0), A.stride(1),
+            B_h, B_h.stride(1), B_h.stride(0), A_hT, A_hT.stride(1), A_hT.stride(0),
+            omega2, out, r, B.shape[0], A.shape[1], k_or_h, float(coeff))
+    flags = dict(FULL=full, STORE_GRAMS=store, BLOCK_R=br, BLOCK_L=BLOCK_L)
+    launch(_penalty_gram_kernel, lambda meta: (nr, nr), args, flags, [GRAM_CONFIG], {}, (r, k_or_h),
+           "penalty grams" if store else "penalty value")
 
 
 def spectral_penalty_forward(A, B, U, V, omega2, coeff):
@@ -185,16 +182,17 @@ def spectral_penalty_forward(A, B, U, V, omega2, coeff):
 
     Full mode (U = V = None): A (r, k), B (k, r), omega2 (k,). Head mode: A (r, d_in), B (d_out, r),
     U (d_out, h), V (d_in, h), omega2 (h,). A, B, U, V share one dtype (float32, float16, bfloat16), any
-    strides; omega2 any float dtype; coeff a float (λ·s²). All arithmetic in fp32.
+    strides; omega2 any float dtype; coeff a float (λ·s²). All arithmetic in fp32; the 0-dim result comes back
+    in A's dtype (the op schema).
     """
     full, r, kh = _check_inputs(A, B, U, V, omega2)
-    nr = triton.cdiv(r, _block_r(r))
+    nr = triton.cdiv(r, pow2_block(r, MAX_BLOCK_R))
     parts = torch.empty((nr * nr,), device=A.device, dtype=torch.float32)
     A_hT = B_h = None
     if not full:
         A_hT, B_h = _head_factors(A, B, U, V, r, kh)
     _grams(A, B, A_hT, B_h, omega2, r, kh, full, parts, coeff)
-    return parts[0] if nr == 1 else parts.sum()
+    return (parts[0] if nr == 1 else parts.sum()).to(A.dtype)
 
 
 def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
@@ -209,7 +207,7 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
     if not isinstance(grad, torch.Tensor) or grad.numel() != 1:
         raise ValueError(f"grad must be a one-element tensor, got "
                          f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
-    _check_device(grad=grad, A=A)
+    check_device(grad=grad, A=A)
     g = grad.reshape(1)
     dev = A.device
     grams = torch.empty((4, r, r), device=dev, dtype=torch.float32)
@@ -220,9 +218,10 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
         _grams(A, B, None, None, omega2, r, kh, True, grams)
         M1, M2, M3, M4 = grams.unbind(0)
         # dAᵀ (k, r) = 2cg·(Aᵀ M1ᵀ + D Aᵀ M2ᵀ)     dB (k, r) = 2cg·(D B M3 + B M4)
-        _launch_pair(dA.t(), [_Term(A.t(), M1.t()), _Term(A.t(), M2.t())], two_c,
-                     dB, [_Term(B, M3), _Term(B, M4)], two_c,
-                     w=omega2, rs_a=(False, True), rs_b=(True, False), g=g, upcast=True, max_block_n=_MAX_BLOCK_R)
+        launch_pair(dA.t(), [Term(A.t(), M1.t()), Term(A.t(), M2.t())], two_c,
+                    dB, [Term(B, M3), Term(B, M4)], two_c,
+                    w=omega2, rs_a=(False, True), rs_b=(True, False), g=g, upcast=True, max_block_n=MAX_BLOCK_R,
+                    site="penalty full dA, dB")
         return dA, dB
     A_hT, B_h = _head_factors(A, B, U, V, r, kh)
     _grams(A, B, A_hT, B_h, omega2, r, kh, False, grams)
@@ -230,10 +229,11 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
     # N_Aᵀ = D A_hᵀ M2 (h, r) and N_B = D B_h M3 (h, r), one launch.
     N_AT = torch.empty((kh, r), device=dev, dtype=torch.float32)
     N_B = torch.empty((kh, r), device=dev, dtype=torch.float32)
-    _launch_pair(N_AT, [_Term(A_hT, M2.t())], 1.0, N_B, [_Term(B_h, M3)], 1.0,
-                 w=omega2, rs_a=(True, False), rs_b=(True, False), upcast=True,
-                 max_block_n=_MAX_BLOCK_R)
+    launch_pair(N_AT, [Term(A_hT, M2.t())], 1.0, N_B, [Term(B_h, M3)], 1.0,
+                w=omega2, rs_a=(True, False), rs_b=(True, False), upcast=True,
+                max_block_n=MAX_BLOCK_R, site="penalty head N_A, N_B")
     # dAᵀ (d_in, r) = 2cg·(Aᵀ M1 + V_h N_Aᵀ)      dB (d_out, r) = 2cg·(U_h N_B + B M4)
-    _launch_pair(dA.t(), [_Term(A.t(), M1.t()), _Term(V, N_AT)], two_c,
-                 dB, [_Term(U, N_B), _Term(B, M4)], two_c, g=g, upcast=True, max_block_n=_MAX_BLOCK_R)
+    launch_pair(dA.t(), [Term(A.t(), M1.t()), Term(V, N_AT)], two_c,
+                dB, [Term(U, N_B), Term(B, M4)], two_c, g=g, upcast=True, max_block_n=MAX_BLOCK_R,
+                site="penalty head dA, dB")
     return dA, dB

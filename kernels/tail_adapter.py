@@ -32,15 +32,18 @@ Precision: fp32 accumulation everywhere. G is kept in fp32 (T·r floats). On the
 go to tl.dot in their own dtype (tensor cores; s·S and s·G are rounded to that dtype before the extra
 K-chunk, as eager PyTorch rounds S and G) and fp32 operands use IEEE fp32 dots (no TF32), matching
 PyTorch's default. Under TRITON_INTERPRET=1 every operand is upcast to fp32 before arithmetic.
+
+The split route (kernels/tail_adapter_split.py) computes the same outputs with cuBLAS for the base products.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .spectral_projection import (_INTERPRET, _Term, _accumulate_product, _check_2d, _check_device, _check_dtype,
-                                  _launch_pair)
+from .launch import (TL_DTYPES, check_2d, check_device, check_dtype, check_row_major, empty_output, fitting,
+                     interpreting, launch, pow2_block)
+from .spectral_projection import Term, accumulate_product, launch_pair
 
-_MAX_BLOCK_R = 64
+MAX_BLOCK_R = 64
 
 
 @triton.jit
@@ -48,7 +51,7 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
                       M, N, K, R,
                       s_am, s_ak, s_bn, s_bk, s_cm, s_cr, s_dn, s_dr, s_om, s_on,
                       scale,
-                      HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, UPCAST: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # out (M, N) = A (M, K) · Bᵀ (K, N) + scale · C (M, R) · Dᵀ (R, N) + bias (N), fp32 accumulation.
@@ -68,8 +71,8 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    acc = _accumulate_product(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, K, offs_m, offs_n, mask_m, mask_n,
-                              UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = accumulate_product(a_ptr, s_am, s_ak, b_ptr, s_bk, s_bn, 0, K, offs_m, offs_n, mask_m, mask_n,
+                             DOT_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if HAS_LOWRANK:
         # The extra K-chunk: scale · C Dᵀ, rank padded to BLOCK_R (masked), scale folded into C in fp32.
@@ -81,12 +84,8 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             d = tl.load(d_ptr + (r0 + offs_r)[:, None] * s_dr + offs_n[None, :] * s_dn,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            c = c.to(tl.float32) * scale
-            if UPCAST:
-                d = d.to(tl.float32)
-            else:
-                c = c.to(d.dtype)
-            acc = tl.dot(c, d, acc, input_precision="ieee")
+            c = (c.to(tl.float32) * scale).to(DOT_DTYPE)
+            acc = tl.dot(c, d.to(DOT_DTYPE), acc, input_precision="ieee")
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -95,24 +94,27 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# GPU autotuning space. Pipelined shared memory is (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize per stage: at most
-# (128 + 128)·32·4·3 = 96 KiB with fp32 inputs, well under the sm_80 limit (163 KiB).
-_GEMM_CONFIGS = [
+# GPU autotuning space. Pipelined shared memory is (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize per stage. The last two
+# (BLOCK_K 64, 128×256 tiles, 8 warps) are the Hopper-sized ones, for 16-bit inputs only: with fp32 operands they
+# would need 288 KiB. Configs that do not fit the device are dropped at launch; `taillor check-kernels` compiles
+# every one for sm_80 and sm_90 and checks its shared memory.
+GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
+GEMM_16BIT_CONFIGS = GEMM_CONFIGS + [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
 _GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-_GEMM_AUTOTUNE_KEY = ["M", "N", "K", "R"]
-_tail_gemm_kernel_tuned = (None if _INTERPRET else
-                           triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_AUTOTUNE_KEY)(_tail_gemm_kernel))
 
 
-def _block_r(r):
-    return min(_MAX_BLOCK_R, max(16, triton.next_power_of_2(max(int(r), 1))))
+def gemm_configs(dtype):
+    return GEMM_CONFIGS if dtype == torch.float32 else GEMM_16BIT_CONFIGS
 
 
-def _launch_gemm(out, a, b_t, c, d, bias, scale):
+def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
     """out = a @ b_t + scale · c @ dᵀ + bias. ``b_t`` is the (K, N) right operand as a strided view;
     c (M, R) and d (N, R) may be None (no low-rank chunk)."""
     M, N = out.shape
@@ -127,42 +129,57 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale):
             a.stride(0), a.stride(1), b_t.stride(1), b_t.stride(0),
             cc.stride(0), cc.stride(1), dd.stride(0), dd.stride(1), out.stride(0), out.stride(1),
             float(scale))
-    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, UPCAST=_INTERPRET, BLOCK_R=_block_r(R))
+    dot = tl.float32 if interpreting() else TL_DTYPES[out.dtype]
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot, BLOCK_R=pow2_block(R, MAX_BLOCK_R))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if _INTERPRET:
-        _tail_gemm_kernel[grid](*args, **flags, **_GEMM_INTERPRET_CONFIG)
-    else:
-        _tail_gemm_kernel_tuned[grid](*args, **flags)
+    configs = fitting(gemm_configs(out.dtype), out.device, out.element_size())
+    launch(_tail_gemm_kernel, grid, args, flags, configs, _GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
+           (out.element_size(), 0))
 
 
-def _check_row_major(name, t):
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (strides {tuple(t.stride())}); "
-                         "call .contiguous() first")
-
-
-def _check_common(x, weight, P, Q, x_adapter):
-    _check_2d("x", x)
+def check_adapter_inputs(x, weight, bias, P, Q, x_adapter):
+    """Validate the adapter forward's inputs (both routes); returns (T, d_in, d_out, r)."""
+    check_2d("x", x)
     T, d_in = x.shape
-    _check_2d("weight", weight, cols=d_in)
+    check_2d("weight", weight, cols=d_in)
     d_out = weight.shape[0]
-    _check_2d("P", P, rows=d_in)
+    check_2d("P", P, rows=d_in)
     r = P.shape[1]
     if r < 1:
         raise ValueError(f"P has shape {tuple(P.shape)}: rank must be >= 1")
-    _check_2d("Q", Q, rows=d_out, cols=r)
-    _check_dtype("x", x)
+    check_2d("Q", Q, rows=d_out, cols=r)
+    check_dtype("x", x)
     for name, t in (("weight", weight), ("P", P), ("Q", Q)):
-        _check_dtype(name, t, x.dtype)
-    _check_row_major("x", x)
-    _check_row_major("weight", weight)
+        check_dtype(name, t, x.dtype)
+    check_row_major("x", x)
+    check_row_major("weight", weight)
     if x_adapter is not None:
-        _check_2d("x_adapter", x_adapter, rows=T, cols=d_in)
-        _check_dtype("x_adapter", x_adapter, x.dtype)
-        _check_row_major("x_adapter", x_adapter)
+        check_2d("x_adapter", x_adapter, rows=T, cols=d_in)
+        check_dtype("x_adapter", x_adapter, x.dtype)
+        check_row_major("x_adapter", x_adapter)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (d_out,):
+            raise ValueError(f"bias must have shape ({d_out},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        check_dtype("bias", bias, x.dtype)
+        if d_out > 1 and bias.stride(0) != 1:
+            raise ValueError(f"bias must be contiguous (stride {bias.stride(0)}); call .contiguous() first")
+    check_device(x=x, weight=weight, bias=bias, P=P, Q=Q, x_adapter=x_adapter)
+    return T, d_in, d_out, r
+
+
+def check_adapter_backward_inputs(dy, x, weight, S, P, Q, x_adapter):
+    """Validate the adapter backward's inputs (both routes); returns (T, d_in, d_out, r)."""
+    T, d_in, d_out, r = check_adapter_inputs(x, weight, None, P, Q, x_adapter)
+    check_2d("dy", dy, rows=T, cols=d_out)
+    check_dtype("dy", dy, x.dtype)
+    check_row_major("dy", dy)
+    check_2d("S", S, rows=T, cols=r)
+    check_dtype("S", S, x.dtype)
+    check_device(dy=dy, x=x, S=S)
     return T, d_in, d_out, r
 
 
@@ -175,62 +192,47 @@ def tail_adapter_forward(x, weight, bias, P, Q, scale, x_adapter=None):
     under TRITON_INTERPRET=1). y (T, d_out) and S (T, r) come back in x.dtype; fp32 accumulation.
     Two launches: S (one read of x_a), then the base GEMM with s · S Qᵀ as an extra K-chunk.
     """
-    T, d_in, d_out, r = _check_common(x, weight, P, Q, x_adapter)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (d_out,):
-            raise ValueError(f"bias must have shape ({d_out},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        _check_dtype("bias", bias, x.dtype)
-        if d_out > 1 and bias.stride(0) != 1:
-            raise ValueError(f"bias must be contiguous (stride {bias.stride(0)}); call .contiguous() first")
-    _check_device(x=x, weight=weight, bias=bias, P=P, Q=Q, x_adapter=x_adapter)
+    T, d_in, d_out, r = check_adapter_inputs(x, weight, bias, P, Q, x_adapter)
     x_a = x if x_adapter is None else x_adapter
     S = torch.empty((T, r), device=x.device, dtype=x.dtype)
     y = torch.empty((T, d_out), device=x.device, dtype=x.dtype)
-    _launch_pair(S, [_Term(x_a, P)])
-    _launch_gemm(y, x, weight.t(), S, Q, bias, scale)
+    launch_pair(S, [Term(x_a, P)], site="adapter S = x_a P")
+    _launch_gemm(y, x, weight.t(), S, Q, bias, scale, "fused y = x Wt + s S Qt + b")
     return y, S
 
 
 def tail_adapter_backward(dy, x, weight, S, P, Q, scale, x_adapter=None,
                           need_dx=True, need_dP=True, need_dQ=True):
-    """Fused TailLoR backward: returns (dx, dP, dQ, dx_adapter); outputs not requested are None.
+    """Fused TailLoR backward: returns (dx, dP, dQ, dx_adapter), the op schema's outputs (one not requested, or
+    dx_adapter when x_adapter is None, is an empty 1-D tensor).
 
     dy (T, d_out), x (T, d_in), weight (d_out, d_in), S (T, r) saved by the forward, P (d_in, r),
     Q (d_out, r), scale float, x_adapter as in the forward. With G = dy Q (fp32):
-    dQ = s·dyᵀ S, dP = s·x_aᵀ G; if x_adapter is None, dx = dy W + s·G Pᵀ (one GEMM, extra K-chunk) and
-    dx_adapter is None; otherwise dx = dy W and dx_adapter = s·G Pᵀ (only when need_dx). dx and
-    dx_adapter in x.dtype, dP and dQ in P/Q's dtype; fp32 accumulation. See the module docstring for the
-    derivation.
+    dQ = s·dyᵀ S, dP = s·x_aᵀ G; if x_adapter is None, dx = dy W + s·G Pᵀ (one GEMM, extra K-chunk);
+    otherwise dx = dy W and dx_adapter = s·G Pᵀ (only when need_dx). dx and dx_adapter in x.dtype, dP and dQ
+    in P/Q's dtype; fp32 accumulation. See the module docstring for the derivation.
     """
-    T, d_in, d_out, r = _check_common(x, weight, P, Q, x_adapter)
-    _check_2d("dy", dy, rows=T, cols=d_out)
-    _check_dtype("dy", dy, x.dtype)
-    _check_row_major("dy", dy)
-    _check_2d("S", S, rows=T, cols=r)
-    _check_dtype("S", S, x.dtype)
-    _check_device(dy=dy, x=x, weight=weight, S=S, P=P, Q=Q, x_adapter=x_adapter)
+    T, d_in, d_out, r = check_adapter_backward_inputs(dy, x, weight, S, P, Q, x_adapter)
     dev = x.device
     x_a = x if x_adapter is None else x_adapter
     need_G = need_dx or need_dP
-
-    dx = dP = dQ = dx_adapter = None
+    dx = dP = dQ = dx_adapter = empty_output(dy)
     G = torch.empty((T if need_G else 0, r), device=dev, dtype=torch.float32)
     if need_dQ:
         dQ = torch.empty((d_out, r), device=dev, dtype=Q.dtype)
     # G = dy Q and dQ = s·dyᵀ S in one launch.
     if need_G or need_dQ:
-        _launch_pair(G, [_Term(dy, Q)], 1.0,
-                     dQ if need_dQ else None, [_Term(dy.t(), S)], scale)
+        launch_pair(G, [Term(dy, Q)], 1.0, dQ if need_dQ else None, [Term(dy.t(), S)], scale,
+                    site="adapter G = dy Q, dQ = s dyT S")
     if need_dP:
         dP = torch.empty((d_in, r), device=dev, dtype=P.dtype)
-        _launch_pair(dP, [_Term(x_a.t(), G)], scale)
+        launch_pair(dP, [Term(x_a.t(), G)], scale, site="adapter dP = s x_aT G")
     if need_dx:
         dx = torch.empty((T, d_in), device=dev, dtype=x.dtype)
         if x_adapter is None:
-            _launch_gemm(dx, dy, weight, G, P, None, scale)
+            _launch_gemm(dx, dy, weight, G, P, None, scale, "fused dx = dy W + s G Pt")
         else:
-            _launch_gemm(dx, dy, weight, None, None, None, scale)
+            _launch_gemm(dx, dy, weight, None, None, None, scale, "fused dx = dy W")
             dx_adapter = torch.empty((T, d_in), device=dev, dtype=x.dtype)
-            _launch_gemm(dx_adapter, dy[:, :0], weight[:0], G, P, None, scale)
+            _launch_gemm(dx_adapter, dy[:, :0], weight[:0], G, P, None, scale, "fused dx_a = s G Pt")
     return dx, dP, dQ, dx_adapter

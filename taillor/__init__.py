@@ -6,6 +6,7 @@ See README.md for the workflow; the normative math is in the docstrings of :mod:
 """
 from . import continual
 from ._version import __version__
+from .backends import use_backend
 from .config import TailLoRConfig
 from .frame import SpectralFrame, clear_frame_cache
 from .functional import randomized_svd, spectral_projection, taillor_linear
@@ -20,5 +21,5 @@ __all__ = [
     "__version__", "TailLoRConfig", "TailLoRLinear", "SpectralFrame", "apply_taillor", "build_frames",
     "clear_frame_cache", "consolidate", "continual", "export_lora", "find_target_modules", "info",
     "iter_taillor_layers", "load_adapter", "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty",
-    "spectral_projection", "spectral_report", "taillor_linear", "trainable_parameters",
+    "spectral_projection", "spectral_report", "taillor_linear", "trainable_parameters", "use_backend",
 ]

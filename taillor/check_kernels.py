@@ -1,11 +1,14 @@
-"""``taillor check-kernels``: compile every Triton kernel ahead of time and check its shared memory.
+"""``taillor check-kernels``: compile every Triton launch taillor makes, ahead of time, and check its shared memory.
 
-For each entry of ``taillor._kernels.AOT_KERNELS`` and each requested architecture, the kernel is compiled
-with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``. That needs no GPU (only the
-PTX assembler that ships with Triton). Compilation succeeds even when a kernel asks for more shared memory
-than the device has (the launch fails later), so the compiled ``metadata.shared`` is compared with the
-per-block limit of each architecture. Prints one table row per (kernel, variant, dtype, arch) and returns
-non-zero if any compilation fails or any kernel exceeds the limit.
+The launches come from :mod:`taillor.kernel_call_sites`: the real launchers run on meta tensors shaped like a
+model layer and are recorded instead of launched. Each distinct specialization is compiled the way Triton's own
+launcher would compile it — the signature and attributes (pointer alignment, integers divisible by 16, integers
+equal to 1 as constants) come from Triton's run-time specialization code applied to the recorded arguments — with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, which needs no GPU (only the PTX assembler
+that ships with Triton). A launch site tunes over a list of configs; the one with the largest shared-memory
+footprint is compiled (compilation succeeds even when a kernel asks for more shared memory than the device has,
+so the compiled ``metadata.shared`` is compared with each architecture's per-block limit). Prints one table row
+per (kernel, call site, dtype, arch) and returns non-zero if any compilation fails or exceeds the limit.
 """
 import argparse
 import concurrent.futures
@@ -32,27 +35,57 @@ def _parse_arch(text):
     return archs
 
 
-def _make_source(fn, signature, constexprs):
-    from triton.compiler import ASTSource
-    try:
-        # Triton >= 3.2 (3.6, 3.8): signature keyed by name, constexprs listed as "constexpr".
-        return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    except TypeError:
-        # Older Triton: index-keyed signature without constexprs, and ``constants``.
-        names = list(signature)
-        sig = {i: ty for i, (n, ty) in enumerate(signature.items()) if ty != "constexpr"}
-        consts = {names.index(n): v for n, v in constexprs.items()}
-        return ASTSource(fn=fn, signature=sig, constants=consts)
+def specializations():
+    """[{kernel, site, dtype, args, constexprs, configs, smem}] for each distinct specialization of the call sites."""
+    from taillor.kernel_call_sites import record_call_sites
+
+    def trait(arg):  # what Triton specializes on: tensor dtypes (meta tensors: 16-byte aligned), ints 1 or %16
+        if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+            return str(getattr(arg, "dtype", arg))
+        return "float" if isinstance(arg, float) else ("1" if arg == 1 else "D" if arg % 16 == 0 else "i")
+
+    seen, out = set(), []
+    for site, label, rec in record_call_sites():
+        key = (rec.kernel.fn.__name__, tuple(map(trait, rec.args)), repr(sorted(rec.constexprs.items())),
+               repr(rec.configs))
+        if key not in seen:
+            seen.add(key)
+            out.append({"kernel": rec.kernel, "site": f"{site}: {rec.site}", "dtype": label, "args": rec.args,
+                        "constexprs": rec.constexprs, "configs": rec.configs, "smem": rec.smem})
+    return out
+
+
+def config_for(entry, cc):
+    """The config run time could pick on ``cc`` with the largest shared memory (the launchers drop configs whose
+    estimate exceeds the device's limit, then tune over the rest)."""
+    from taillor._kernels.launch import configs_within, smem_estimate
+    if len(entry["configs"]) == 1:  # a fixed launch config (penalty Grams, fp32 pair sites)
+        return entry["configs"][0]
+    itemsize, n_width = entry["smem"]
+    kept = configs_within(entry["configs"], SHARED_LIMITS[cc], itemsize, n_width)
+    return max(kept, key=lambda c: smem_estimate(c, itemsize, n_width))
 
 
 def compile_entry(entry, cc):
-    """Compile one AOT entry for compute capability ``cc``; returns the compiled kernel's metadata."""
+    """Compile one specialization for compute capability ``cc`` as Triton's launcher would; returns metadata."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    try:  # Triton's own binder (3.8): the signature and attributes its launcher derives from the arguments
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as err:
+        raise RuntimeError(f"triton {triton.__version__} has no runtime.jit.create_function_from_signature: "
+                           "check-kernels reproduces run-time specialization with Triton 3.8's binder") from err
 
-    src = _make_source(entry["fn"], entry["signature"], entry["constexprs"])
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": entry["num_warps"], "num_stages": entry["num_stages"]})
+    fn, config = entry["kernel"], config_for(entry, cc)
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    kwargs = {**entry["constexprs"], **config.kwargs, "num_warps": config.num_warps,
+              "num_stages": config.num_stages}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*entry["args"], **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     return compiled.metadata
 
 
@@ -62,17 +95,26 @@ def _rerun_without_interpreter(argv):
     return subprocess.call(cmd, env=env)
 
 
-def _build(index, cc):
-    """Compile AOT entry ``index`` for ``cc``: (shared bytes, num_warps, error or None). Runs in a worker."""
-    from taillor._kernels import AOT_KERNELS
+_ENTRIES = None
 
-    entry = AOT_KERNELS[index]
+
+def _build(index, cc, only):
+    """Compile entry ``index`` for ``cc``: (shared bytes, num_warps, error or None). Runs in a worker."""
+    global _ENTRIES
+    if _ENTRIES is None:
+        _ENTRIES = _selected(only)
+    entry = _ENTRIES[index]
     try:
         meta = compile_entry(entry, cc)
         return int(meta.shared), int(meta.num_warps), None
     except Exception as err:  # report every kernel, then fail
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return None, entry["num_warps"], f"{type(err).__name__}: {first_line}"
+        return None, config_for(entry, cc).num_warps, f"{type(err).__name__}: {first_line}"
+
+
+def _selected(only):
+    entries = specializations()
+    return [e for e in entries if only is None or only in e["site"]]
 
 
 def main(argv=None):
@@ -82,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated list, e.g. sm_80,sm_90")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="parallel compile processes (default: number of CPUs, at most 8)")
+    parser.add_argument("--only", default=None,
+                        help="compile only the call sites whose name contains this text (e.g. 'projection')")
     args = parser.parse_args(argv)
     try:
         archs = _parse_arch(args.arch)
@@ -95,21 +139,23 @@ def main(argv=None):
         return _rerun_without_interpreter(argv)
 
     import triton
-    from taillor._kernels import AOT_KERNELS
 
     start = time.perf_counter()
-    jobs = [(i, cc) for i in range(len(AOT_KERNELS)) for cc in archs]
-    if args.jobs == 1 or len(jobs) == 1:
-        results = [_build(i, cc) for i, cc in jobs]
+    entries = _selected(args.only)
+    if not entries:
+        parser.error(f"--only {args.only!r} matches no call site")
+    jobs = [(i, cc, args.only) for i in range(len(entries)) for cc in archs]
+    if args.jobs == 1 or len(jobs) <= 8:  # a few builds: spawning workers (each imports torch) costs more
+        results = [_build(*job) for job in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Triton/CUDA state
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx) as pool:
             results = list(pool.map(_build, *zip(*jobs, strict=True)))
 
-    header = ("kernel", "variant", "dtype", "arch", "shared", "limit", "warps", "stages", "status")
+    header = ("kernel", "call site", "dtype", "arch", "shared", "limit", "warps", "stages", "status")
     rows, failures = [], 0
-    for (i, cc), (shared, warps, error) in zip(jobs, results, strict=True):
-        entry, limit = AOT_KERNELS[i], SHARED_LIMITS[cc]
+    for (i, cc, _), (shared, warps, error) in zip(jobs, results, strict=True):
+        entry, limit = entries[i], SHARED_LIMITS[cc]
         if error is not None:
             status = f"FAIL: {error}"
         elif shared > limit:
@@ -117,8 +163,9 @@ def main(argv=None):
         else:
             status = "ok"
         failures += status != "ok"
-        rows.append((entry["name"], entry["variant"], entry["dtype"], f"sm_{cc}",
-                     "-" if shared is None else str(shared), str(limit), str(warps), str(entry["num_stages"]), status))
+        rows.append((entry["kernel"].fn.__name__, entry["site"], entry["dtype"], f"sm_{cc}",
+                     "-" if shared is None else str(shared), str(limit), str(warps),
+                     str(config_for(entry, cc).num_stages), status))
 
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -127,7 +174,8 @@ def main(argv=None):
     for row in rows:
         print(fmt.format(*row))
     n = len(rows)
-    print(f"{n - failures}/{n} kernel builds compile and fit in shared memory "
+    print(f"{n - failures}/{n} kernel builds ({len(entries)} run-time specializations x {len(archs)} archs) compile "
+          "and fit in shared memory "
           f"(triton {triton.__version__}, {time.perf_counter() - start:.1f} s)")
     return 1 if failures else 0
 

@@ -21,13 +21,13 @@ def _differentiable(name: str, op, setup_context, backward):
 
     While torch.compile traces, the call is the custom op itself with ``backward`` registered on it: one opaque
     node. In eager mode it is an autograd.Function with the same ``setup_context`` and ``backward`` around the
-    op's device kernel (:func:`taillor.ops.run`), which skips the custom op's Python dispatch in both passes.
+    op's device kernel (:func:`taillor.ops.call`), which skips the custom op's Python dispatch in both passes.
     """
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
     def forward(ctx, *args):
         # ctx-first form: the setup_context form binds apply()'s arguments with inspect.signature on every call.
-        output = ops.run(op, *args)
+        output = ops.call(op, *args)
         setup_context(ctx, args, output)
         return output
 
@@ -55,7 +55,7 @@ def _adapter_backward(ctx, dy, _dS):
     x, weight, S, P, Q, x_adapter = ctx.saved_tensors
     need_x, need_w, need_b, need_P, need_Q, _, need_xa = ctx.needs_input_grad
     dy = dy.contiguous()
-    dx, dP, dQ, dx_adapter = ops.run(ops.tail_adapter_bwd, dy, x, weight, S, P, Q, ctx.scale, x_adapter,
+    dx, dP, dQ, dx_adapter = ops.call(ops.tail_adapter_bwd, dy, x, weight, S, P, Q, ctx.scale, x_adapter,
                                      need_x or need_xa, need_P, need_Q)
     # The base layer is frozen in TailLoR; if a user unfreezes it, its gradients are still exact.
     dW = dy.t() @ x if need_w else None
@@ -92,26 +92,29 @@ def taillor_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], P: Tensor,
 # spectral_projection
 # ---------------------------------------------------------------------------------------------------------------
 def _projection_setup_context(ctx, inputs, output):
-    _, _, U, V = inputs
+    _, _, U, V, _ = inputs
     ctx.save_for_backward(U, V)
 
 
 def _projection_backward(ctx, dP, dQ):
     U, V = ctx.saved_tensors
-    dA, dB = ops.run(ops.spectral_projection_bwd, dP, dQ, U, V)
-    return _none_if_empty(dA), _none_if_empty(dB), None, None
+    dA, dB = ops.call(ops.spectral_projection_bwd, dP, dQ, U, V)
+    return _none_if_empty(dA), _none_if_empty(dB), None, None, None
 
 
 _spectral_projection = _differentiable("SpectralProjection", ops.spectral_projection_fwd,
                                        _projection_setup_context, _projection_backward)
 
 
-def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+def spectral_projection(A: Tensor, B: Tensor, U: Tensor, V: Tensor,
+                        out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Full-frame adapter factors in layer coordinates: P = V Aᵀ (d_in, r) and Q = U B (d_out, r).
 
-    A: (r, k); B: (k, r); U: (d_out, k); V: (d_in, k); one floating dtype. Differentiable in A and B.
+    A: (r, k); B: (k, r); U: (d_out, k); V: (d_in, k); one floating dtype. ``out_dtype`` (default: that dtype)
+    is the dtype of P and Q: pass the layer's 16-bit activation dtype to get them ready for the adapter product
+    (on CUDA the projection then runs on tensor cores). Differentiable in A and B (gradients in A's dtype).
     """
-    return _spectral_projection(A, B, U, V)
+    return _spectral_projection(A, B, U, V, None if out_dtype == A.dtype else out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def _penalty_setup_context(ctx, inputs, output):
 
 def _penalty_backward(ctx, grad):
     A, B, U, V, omega2 = ctx.saved_tensors
-    dA, dB = ops.run(ops.spectral_penalty_bwd, grad, A, B, U, V, omega2, ctx.coeff)
+    dA, dB = ops.call(ops.spectral_penalty_bwd, grad, A, B, U, V, omega2, ctx.coeff)
     return dA, dB, None, None, None, None
 
 

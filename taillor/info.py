@@ -7,12 +7,12 @@ import torch
 
 from . import backends
 from ._version import __version__
-from .ops import cuda_extension
 
 
 def info() -> dict:
     """Versions, devices and backends: {"taillor", "torch", "triton", "python", "cuda_available", "device",
-    "backend", "triton_kernels", "cuda_extension": "built" | "missing", ...}."""
+    "backend", "adapter_route", "triton_kernels", "cuda_extension": "built" | "missing", "ops": {op: [backends]},
+    ...}."""
     try:
         import triton
         triton_version = triton.__version__
@@ -29,8 +29,10 @@ def info() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
         "backend": backends.requested_backend(),
         "triton_kernels": backends.triton_status(),
-        "cuda_extension": "built" if cuda_extension() is not None else "missing",
+        "cuda_extension": "built" if backends.cuda_extension() is not None else "missing",
+        "adapter_route": backends.adapter_route(),
         "backends": {"eager": "every device",
                      "triton": "CUDA tensors (CPU under TRITON_INTERPRET=1)" if triton_version else "unavailable",
-                     "cuda_extension": "randomized_svd on CUDA" if cuda_extension() is not None else "missing"},
+                     "cuda_extension": "randomized_svd on CUDA" if backends.cuda_extension() is not None else "missing"},
+        "ops": backends.registered(),
     }

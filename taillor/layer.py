@@ -146,11 +146,13 @@ class TailLoRLinear(nn.Module):
             self.lora_A.copy_(A)
             self.lora_B.zero_()
 
-    def adapter_factors(self) -> tuple[Tensor, Tensor]:
-        """(P, Q) with ΔW = s·Q Pᵀ: P (d_in, r), Q (d_out, r) in the adapter's dtype; differentiable."""
+    def adapter_factors(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+        """(P, Q) with ΔW = s·Q Pᵀ: P (d_in, r), Q (d_out, r) in ``dtype`` (default: the adapter's);
+        differentiable. A 16-bit ``dtype`` makes the full-frame projection write its output in it directly."""
         if self.config.frame == "full":
-            return F.spectral_projection(self.lora_A, self.lora_B, self.frame.U, self.frame.V)
-        return self.lora_A.t(), self.lora_B
+            return F.spectral_projection(self.lora_A, self.lora_B, self.frame.U, self.frame.V, out_dtype=dtype)
+        P, Q = self.lora_A.t(), self.lora_B
+        return (P, Q) if dtype is None else (P.to(dtype), Q.to(dtype))
 
     def delta_weight(self) -> Tensor:
         """The current task's update ΔW = s·U B A Vᵀ (full) or s·B A (head), (d_out, d_in), adapter dtype."""
@@ -229,10 +231,10 @@ class TailLoRLinear(nn.Module):
         if weight.dtype != dtype:
             weight = weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        P, Q = self.adapter_factors()
+        P, Q = self.adapter_factors(dtype)
         x = x.to(dtype)
         x_adapter = self.dropout(x) if (self.training and self.config.dropout > 0) else None
-        return F.taillor_linear(x, weight, bias, P.to(dtype), Q.to(dtype), self.scaling, x_adapter)
+        return F.taillor_linear(x, weight, bias, P, Q, self.scaling, x_adapter)
 
     # ------------------------------------------------------------------------------------------------------
     def _current_factors(self) -> tuple[Tensor, Tensor]:

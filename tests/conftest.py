@@ -1,13 +1,8 @@
 """Shared test helpers: the one per-dtype tolerance table and the dense float64 oracles."""
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-# Without a GPU, Triton kernels run in the interpreter; it must be on before the kernels are first imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Normalized error bound max|actual - oracle| / max|oracle| per dtype, for one layer of the sizes used in tests
 # (d <= 256): a few ulps of accumulation error in the compute dtype. The one table every comparison uses.
@@ -64,3 +59,14 @@ def dense_head_share(layer) -> float:
     U, V = layer.frame.U.double() * omega, layer.frame.V.double() * omega
     weighted = (U.t() @ delta).pow(2).sum() + (delta @ V).pow(2).sum()
     return float(weighted / (2 * delta.pow(2).sum()))
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Run Triton kernels in the Triton interpreter for this test only (CPU tensors allowed).
+
+    taillor reads TRITON_INTERPRET at every launch, so setting it here affects this test and nothing collected or
+    imported before it; the compiled-kernel tests (marked `gpu`) never use this fixture.
+    """
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")

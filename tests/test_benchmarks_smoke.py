@@ -70,6 +70,9 @@ def test_taillor_bench_command_writes_json(tmp_path, monkeypatch):
         for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "ratio_fwd", "ratio_bwd", "ratio_fwd_bwd"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
     assert adapter["linear"]["ratio_fwd_bwd"] == pytest.approx(1.0)
+    # Every timed TailLoR-family output is compared with the eager TailLoRLinear's (a mismatch would say FAILED).
+    assert adapter["naive-xv"]["check"].startswith("ok (max diff to eager: y ")
+    assert "check" not in adapter["linear"] and "check" not in adapter["peft"]
     suites = {r["suite"] for r in data["rows"]}
     assert suites == {"adapter", "svd", "penalty", "frames"}
     for row in data["rows"]:
@@ -97,11 +100,66 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "plan" in proc.stdout and "pytest -m gpu" in proc.stdout
+    stages = [ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("  ") and ln.count("|") >= 2]
+    names = [s[0].strip() for s in stages]
+    assert names == ["install", "info", "tests", "speed", "ext_wait", "ext_tests", "frames", "report"]
+    total = sum(int(s[1]) for s in stages)
+    summary = next(ln for ln in proc.stdout.splitlines() if ln.startswith("budgets sum to"))
+    assert summary == f"budgets sum to {total}s; cap 465s" and total < 465 <= 480
     if torch.cuda.is_available():
         assert "Nothing was run" in proc.stdout
     else:
         assert "skipping the GPU stages" in proc.stdout
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    text = script.read_text()
+    assert "PIP_NO_INDEX=1" in text and "PIP_DISABLE_PIP_VERSION_CHECK=1" in text
+    small_cap = subprocess.run(["bash", str(script), str(tmp_path / "out"), "--dry-run"],
+                               env={**env, "GPU_CHECK_CAP_S": str(total)}, capture_output=True, text=True, timeout=60)
+    assert small_cap.returncode == 2 and "do not fit" in small_cap.stderr
     for bad in ([], ["a", "b"], ["--bogus", "x"]):
         proc = subprocess.run(["bash", str(script), *bad], env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
+
+
+def _report(work):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check_report
+    finally:
+        sys.path.pop(0)
+    return gpu_check_report.build(str(work))
+
+
+def test_gpu_check_report_writes_no_figure_it_did_not_measure(tmp_path):
+    text = _report(tmp_path)  # nothing ran
+    verdict = text[text.index("### Verdict"):].splitlines()[4:]
+    assert len(verdict) == 10 and all(row.endswith("| not measured | not measured |") for row in verdict)
+
+
+def test_gpu_check_report_fails_a_speed_goal_on_mismatched_outputs(tmp_path):
+    """Synthetic stage outputs (not measurements): a FAILED output check fails the row's goals whatever its time."""
+    from taillor.bench import GPU_ACCEPTANCE
+    shape = {"tokens": GPU_ACCEPTANCE.tokens, "d_in": GPU_ACCEPTANCE.d_in, "d_out": GPU_ACCEPTANCE.d_out,
+             "rank": GPU_ACCEPTANCE.rank, "dtype": GPU_ACCEPTANCE.dtype, "shape": GPU_ACCEPTANCE.name}
+    row = {"suite": "adapter", **shape, "label": "x", "fwd_ms": 1.0, "bwd_ms": 1.0, "fwd_bwd_ms": 2.0,
+           "ratio_fwd": 1.0, "ratio_bwd": 1.0, "ratio_fwd_bwd": 1.05, "ratio_to_peft": 0.9, "peak_mb": 1.0}
+    rows = [{**row, "method": "taillor-fused", "check": "FAILED: y differs from eager by 5.00e-01 > 6e-02"},
+            {**row, "method": "taillor-split", "check": "ok (max diff to eager: y 1.0e-03)"}]
+    (tmp_path / "speed.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "tests.xml").write_text('<testsuite><testcase name="a"/><testcase name="b"><failure/></testcase>'
+                                        '</testsuite>')
+    text = _report(tmp_path)
+    verdict = {ln.split(" | ")[0].lstrip("| "): ln for ln in text[text.index("### Verdict"):].splitlines()[4:]}
+    fused = [ln for goal, ln in verdict.items() if "fused" in goal]
+    assert fused and all(ln.endswith("| NOT met |") for ln in fused)
+    split = [ln for goal, ln in verdict.items() if "split" in goal]
+    assert len(split) == 3 and all(ln.endswith("| met |") for ln in split)
+    assert next(ln for goal, ln in verdict.items() if goal.startswith("compiled")).endswith(
+        "| 1 passed, 1 failed, 0 skipped | NOT met |")
+
+
+def test_match_tolerance_is_twice_the_suite_tolerance():
+    from conftest import TOLERANCE
+    from taillor.bench import MATCH_TOLERANCE
+    for dtype, tol in MATCH_TOLERANCE.items():
+        assert tol == pytest.approx(2 * TOLERANCE[dtype])

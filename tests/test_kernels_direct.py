@@ -1,60 +1,24 @@
 """Direct tests of the Triton launchers (kernels/), run on the CPU by the Triton interpreter.
 
-Every output is compared with a dense float64 oracle. Tolerance rule (flash-attention style, DESIGN §7):
-the kernel's max error against the oracle must be at most twice the error of the same computation done
-eagerly in PyTorch in the input dtype, plus a floor relative to the output's scale (fp32 1e-5, fp16 1e-3,
-bf16 1e-2). The ahead-of-time compile check (`taillor check-kernels`) runs in a subprocess without the
-interpreter.
+The interpreter is switched on per test by the ``interpreter`` fixture (tests/conftest.py); taillor reads it at
+every launch. Every output is compared with a dense float64 oracle (tests/kernel_checks.py, shared with the
+compiled-kernel tests in test_kernels_compiled.py). Also here: the launchers' argument checks, the schema's empty
+outputs, split-K, bucketed tuning keys and the tuning cache (all without a GPU).
 """
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede any import of triton or of the kernels
+from kernel_checks import (DTYPES, ID, adapter_inputs, assert_close, check_spectral_penalty,
+                           check_spectral_projection, check_tail_adapter, is_empty, penalty_eager,
+                           penalty_grads_eager, penalty_inputs)
 
-import importlib.util  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+K = pytest.importorskip("taillor._kernels")
+launch = pytest.importorskip("taillor._kernels.launch")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+pytestmark = pytest.mark.usefixtures("interpreter")
 
-_KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
-
-
-def _load_kernels():
-    """A private copy of the kernels package, imported here with TRITON_INTERPRET=1 whatever other test
-    modules imported before (taillor._kernels may already be loaded in compiled mode)."""
-    name = "_taillor_kernels_interpreted"
-    spec = importlib.util.spec_from_file_location(name, _KERNELS_DIR / "__init__.py",
-                                                  submodule_search_locations=[str(_KERNELS_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-K = _load_kernels()
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def assert_close(name, out, eager, oracle, dtype):
-    """|out - oracle| <= 2 |eager - oracle| + floor · scale (max norms)."""
-    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    oracle = oracle.double()
-    err = (out.double() - oracle).abs().max().item() if out.numel() else 0.0
-    err_eager = (eager.double() - oracle).abs().max().item() if out.numel() else 0.0
-    scale = oracle.abs().max().item() if out.numel() else 0.0
-    bound = 2 * err_eager + FLOOR[dtype] * max(scale, 1e-30)
-    assert err <= bound, f"{name} ({dtype}): error {err:.3e} > bound {bound:.3e} (eager {err_eager:.3e})"
-
-
-def _d(t):
-    return None if t is None else t.double()
-
+ROUTES = {"fused": (K.tail_adapter_forward, K.tail_adapter_backward),
+          "split": (K.tail_adapter_split_forward, K.tail_adapter_split_backward)}
 
 # ---------------------------------------------------------------------------------------------------------
 # tail adapter
@@ -63,119 +27,86 @@ def _d(t):
 ADAPTER_SHAPES = [(37, 96, 80, 4), (5, 40, 24, 1), (19, 6, 10, 4), (9, 20, 18, 70)]
 
 
-def _adapter_inputs(T, d_in, d_out, r, dtype, bias, adapter, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
-
-    x = rnd(T, d_in)
-    W = rnd(d_out, d_in, std=d_in ** -0.5)
-    b = rnd(d_out) if bias else None
-    P = rnd(d_in, r, std=d_in ** -0.5)
-    Q = rnd(d_out, r, std=0.5)
-    xa = rnd(T, d_in) if adapter else None
-    return x, W, b, P, Q, xa
-
-
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=ID.get)
 @pytest.mark.parametrize("shape", ADAPTER_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias,adapter", [(True, False), (False, True), (True, True)],
                          ids=["bias", "x_adapter", "bias+x_adapter"])
-def test_tail_adapter(dtype, shape, bias, adapter):
-    T, d_in, d_out, r = shape
-    s = 0.75
-    x, W, b, P, Q, xa = _adapter_inputs(T, d_in, d_out, r, dtype, bias, adapter)
-    xa_ = x if xa is None else xa
-
-    # forward
-    y, S = K.tail_adapter_forward(x, W, b, P, Q, s, x_adapter=xa)
-    assert y.dtype == dtype and S.dtype == dtype
-    S64 = _d(xa_) @ _d(P)
-    y64 = _d(x) @ _d(W).T + s * S64 @ _d(Q).T + (0 if b is None else _d(b))
-    S_e = xa_ @ P
-    y_e = x @ W.T + s * (S_e @ Q.T) + (0 if b is None else b)
-    assert_close("S", S, S_e, S64, dtype)
-    assert_close("y", y, y_e, y64, dtype)
-
-    # backward (from the kernel's own S, as autograd would)
-    gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(T, d_out, generator=gen, dtype=torch.float64).to(dtype)
-    dx, dP, dQ, dxa = K.tail_adapter_backward(dy, x, W, S, P, Q, s, x_adapter=xa)
-    G64 = _d(dy) @ _d(Q)
-    G_e = dy @ Q
-    assert_close("dQ", dQ, s * (dy.T @ S), s * _d(dy).T @ _d(S), dtype)
-    assert_close("dP", dP, s * (xa_.T @ G_e), s * _d(xa_).T @ G64, dtype)
-    assert dP.dtype == P.dtype and dQ.dtype == Q.dtype and dx.dtype == dtype
-    if xa is None:
-        assert dxa is None
-        assert_close("dx", dx, dy @ W + s * (G_e @ P.T), _d(dy) @ _d(W) + s * G64 @ _d(P).T, dtype)
-    else:
-        assert_close("dx", dx, dy @ W, _d(dy) @ _d(W), dtype)
-        assert_close("dx_adapter", dxa, s * (G_e @ P.T), s * G64 @ _d(P).T, dtype)
+def test_tail_adapter(route, dtype, shape, bias, adapter):
+    check_tail_adapter(*ROUTES[route], *shape, dtype, bias, adapter)
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("adapter", [False, True])
-def test_tail_adapter_backward_needs(adapter):
-    x, W, b, P, Q, xa = _adapter_inputs(11, 24, 20, 3, torch.float32, False, adapter)
-    y, S = K.tail_adapter_forward(x, W, None, P, Q, 0.5, x_adapter=xa)
+def test_tail_adapter_backward_needs(route, adapter):
+    forward, backward = ROUTES[route]
+    x, W, b, P, Q, xa = adapter_inputs(11, 24, 20, 3, torch.float32, False, adapter)
+    y, S = forward(x, W, None, P, Q, 0.5, xa)
     dy = torch.randn(11, 20)
-    full = K.tail_adapter_backward(dy, x, W, S, P, Q, 0.5, x_adapter=xa)
+    full = backward(dy, x, W, S, P, Q, 0.5, xa)
     for need in ("need_dx", "need_dP", "need_dQ"):
-        out = K.tail_adapter_backward(dy, x, W, S, P, Q, 0.5, x_adapter=xa, **{need: False})
+        out = backward(dy, x, W, S, P, Q, 0.5, xa, **{need: False})
         skipped = {"need_dx": (0, 3), "need_dP": (1,), "need_dQ": (2,)}[need]
         for i, (got, ref) in enumerate(zip(out, full, strict=True)):
-            if i in skipped or ref is None:
-                assert got is None
+            if i in skipped or is_empty(ref):
+                assert is_empty(got)
             else:
                 torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    assert K.tail_adapter_backward(dy, x, W, S, P, Q, 0.5, x_adapter=xa, need_dx=False, need_dP=False,
-                                   need_dQ=False) == (None, None, None, None)
+    none = backward(dy, x, W, S, P, Q, 0.5, xa, need_dx=False, need_dP=False, need_dQ=False)
+    assert all(is_empty(t) for t in none)
 
 
-def test_tail_adapter_zero_tokens():
-    x, W, b, P, Q, _ = _adapter_inputs(0, 16, 12, 2, torch.float32, True, False)
-    y, S = K.tail_adapter_forward(x, W, b, P, Q, 2.0)
+@pytest.mark.parametrize("route", ROUTES)
+def test_tail_adapter_zero_tokens(route):
+    forward, backward = ROUTES[route]
+    x, W, b, P, Q, _ = adapter_inputs(0, 16, 12, 2, torch.float32, True, False)
+    y, S = forward(x, W, b, P, Q, 2.0)
     assert y.shape == (0, 12) and S.shape == (0, 2)
-    dx, dP, dQ, dxa = K.tail_adapter_backward(torch.zeros(0, 12), x, W, S, P, Q, 2.0)
-    assert dx.shape == (0, 16) and dxa is None
+    dx, dP, dQ, dxa = backward(torch.zeros(0, 12), x, W, S, P, Q, 2.0)
+    assert dx.shape == (0, 16) and is_empty(dxa)
     assert torch.equal(dP, torch.zeros(16, 2)) and torch.equal(dQ, torch.zeros(12, 2))
 
 
-def test_tail_adapter_strided_factors():
+@pytest.mark.parametrize("route", ROUTES)
+def test_tail_adapter_strided_factors(route):
     # P and Q may be strided views (head mode passes P = A.t()); x must be row-major.
-    x, W, b, _, _, _ = _adapter_inputs(13, 24, 20, 3, torch.float32, True, False)
-    A = torch.randn(3, 24) / 5
-    Bt = torch.randn(3, 20)
-    y, S = K.tail_adapter_forward(x, W, b, A.t(), Bt.t(), 1.5)
-    ref = _d(x) @ _d(W).T + _d(b) + 1.5 * (_d(x) @ _d(A).T) @ _d(Bt)
-    assert_close("y", y, x @ W.T + b + 1.5 * (x @ A.t()) @ Bt, ref, torch.float32)
+    check_tail_adapter(*ROUTES[route], 13, 24, 20, 3, torch.float32, True, False, strided=True)
 
 
-def test_tail_adapter_rejects_bad_inputs():
-    x, W, b, P, Q, _ = _adapter_inputs(7, 16, 12, 2, torch.float32, True, False)
+@pytest.mark.parametrize("route", ROUTES)
+def test_tail_adapter_rejects_bad_inputs(route):
+    forward, backward = ROUTES[route]
+    x, W, b, P, Q, _ = adapter_inputs(7, 16, 12, 2, torch.float32, True, False)
     s = 1.0
     with pytest.raises(ValueError, match="weight"):
-        K.tail_adapter_forward(x, W[:, :15], b, P, Q, s)
+        forward(x, W[:, :15], b, P, Q, s)
     with pytest.raises(ValueError, match="Q"):
-        K.tail_adapter_forward(x, W, b, P, Q[:, :1], s)
+        forward(x, W, b, P, Q[:, :1], s)
     with pytest.raises(ValueError, match="P has dtype"):
-        K.tail_adapter_forward(x, W, b, P.double(), Q, s)
+        forward(x, W, b, P.double(), Q, s)
     with pytest.raises(ValueError, match="bias"):
-        K.tail_adapter_forward(x, W, b[:5], P, Q, s)
+        forward(x, W, b[:5], P, Q, s)
     with pytest.raises(ValueError, match="x must be contiguous"):
-        K.tail_adapter_forward(torch.randn(16, 7).t(), W, b, P, Q, s)
+        forward(torch.randn(16, 7).t(), W, b, P, Q, s)
     with pytest.raises(ValueError, match="x_adapter"):
-        K.tail_adapter_forward(x, W, b, P, Q, s, x_adapter=x[:3])
+        forward(x, W, b, P, Q, s, x_adapter=x[:3])
     with pytest.raises(ValueError, match="x must be 2-D"):
-        K.tail_adapter_forward(x[None], W, b, P, Q, s)
+        forward(x[None], W, b, P, Q, s)
     with pytest.raises(ValueError, match="x has dtype"):
-        K.tail_adapter_forward(x.to(torch.int32), W.to(torch.int32), None, P, Q, s)
-    y, S = K.tail_adapter_forward(x, W, b, P, Q, s)
+        forward(x.to(torch.int32), W.to(torch.int32), None, P, Q, s)
+    y, S = forward(x, W, b, P, Q, s)
     with pytest.raises(ValueError, match="dy"):
-        K.tail_adapter_backward(torch.randn(7, 13), x, W, S, P, Q, s)
+        backward(torch.randn(7, 13), x, W, S, P, Q, s)
     with pytest.raises(ValueError, match="S has"):
-        K.tail_adapter_backward(torch.randn(7, 12), x, W, S.half(), P, Q, s)
+        backward(torch.randn(7, 12), x, W, S.half(), P, Q, s)
+
+
+def test_launchers_need_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x, W, b, P, Q, _ = adapter_inputs(7, 16, 12, 2, torch.float32, True, False)
+    for forward, _ in ROUTES.values():
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            forward(x, W, b, P, Q, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,17 +119,14 @@ PROJECTION_SHAPES = [(50, 96, 80, 4), (7, 9, 12, 1), (24, 30, 20, 70)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=ID.get)
 @pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_spectral_projection(dtype, shape):
-    k, d_in, d_out, r = shape
-    g = torch.Generator().manual_seed(2)
-    U, V, A, B, dP, dQ = (torch.randn(*sh, generator=g, dtype=torch.float64).to(dtype)
-                          for sh in ((d_out, k), (d_in, k), (r, k), (k, r), (d_in, r), (d_out, r)))
-    P, Q = K.spectral_projection_forward(A, B, U, V)
-    assert_close("P", P, V @ A.T, _d(V) @ _d(A).T, dtype)
-    assert_close("Q", Q, U @ B, _d(U) @ _d(B), dtype)
-    dA, dB = K.spectral_projection_backward(dP, dQ, U, V)
-    assert dA.is_contiguous() and dB.is_contiguous() and dA.dtype == dtype
-    assert_close("dA", dA, dP.T @ V, _d(dP).T @ _d(V), dtype)
-    assert_close("dB", dB, U.T @ dQ, _d(U).T @ _d(dQ), dtype)
+    check_spectral_projection(K.spectral_projection_forward, K.spectral_projection_backward, *shape, dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=ID.get)
+def test_spectral_projection_in_activation_dtype(out_dtype):
+    """fp32 frame and factors, P and Q written in the layer's 16-bit activation dtype (tensor cores on a GPU)."""
+    check_spectral_projection(K.spectral_projection_forward, K.spectral_projection_backward, 50, 96, 80, 4,
+                              torch.float32, out_dtype=out_dtype)
 
 
 def test_spectral_projection_backward_one_side():
@@ -206,7 +134,7 @@ def test_spectral_projection_backward_one_side():
     dA, dB = K.spectral_projection_backward(dP, dQ, U, V)
     dA_only, none_b = K.spectral_projection_backward(dP, None, U, V)
     none_a, dB_only = K.spectral_projection_backward(None, dQ, U, V)
-    assert none_a is None and none_b is None
+    assert is_empty(none_a) and is_empty(none_b)
     assert torch.equal(dA_only, dA) and torch.equal(dB_only, dB)
 
 
@@ -218,82 +146,103 @@ def test_spectral_projection_rejects_bad_inputs():
         K.spectral_projection_forward(A, B[:, :1], U, V)
     with pytest.raises(ValueError, match="A has dtype"):
         K.spectral_projection_forward(A.half(), B, U, V)
+    with pytest.raises(ValueError, match="out_dtype"):
+        K.spectral_projection_forward(A, B, U, V, torch.float64)
     with pytest.raises(ValueError, match="dQ"):
         K.spectral_projection_backward(torch.randn(6, 2), torch.randn(7, 2), U, V)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# split-K and tuning keys (no GPU: the split is forced, the keys are recorded instead of launched)
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_pair_split_k_matches_oracle(split):
+    """The token reductions dQ = s·dyᵀ S and G = dy Q with the K range cut into chunks (fp32 partials, summed)."""
+    g = torch.Generator().manual_seed(4)
+    T, d, r = 203, 40, 3
+    dy, S, Q = (torch.randn(*sh, generator=g) for sh in ((T, d), (T, r), (d, r)))
+    G, dQ = torch.empty(T, r), torch.empty(d, r)
+    Term = K.spectral_projection.Term
+    K.spectral_projection.launch_pair(G, [Term(dy, Q)], 1.0, dQ, [Term(dy.t(), S)], 0.5, split_k=split)
+    assert_close("G", G, dy @ Q, dy.double() @ Q.double(), torch.float32)
+    assert_close("dQ", dQ, 0.5 * dy.t() @ S, 0.5 * dy.double().t() @ S.double(), torch.float32)
+
+
+def test_split_count_fills_the_sms_only_when_the_grid_is_small():
+    split_count = K.spectral_projection.split_count
+    assert split_count(64, 8192, 132) == 2 and split_count(16, 8192, 132) == 8
+    assert split_count(200, 8192, 132) == 1        # the grid already covers the SMs
+    assert split_count(64, 1000, 132) == 1         # chunks would be too short
+    assert split_count(64, 8192, None) == 1        # no device (interpreter)
+
+
+def _record_forward(T, route="fused"):
+    """The launches of one bf16 forward of a 4096x4096, rank-16 layer over T tokens (meta tensors: nothing runs)."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+    with launch.recording() as launches:
+        ROUTES[route][0](meta(T, 4096), meta(4096, 4096), None, meta(4096, 16), meta(4096, 16), 2.0)
+    return launches
+
+
+def test_tuning_keys_are_bucketed_by_token_count(monkeypatch):
+    """3000 and 4000 tokens share every launch's tuning key (bucket 4096); 5000 tokens do not."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    keys = {T: [rec.tune_key for rec in _record_forward(T)] for T in (3000, 4000, 5000)}
+    assert len(keys[3000]) == 2  # S = x_a P, then the fused GEMM
+    assert keys[3000] == keys[4000]
+    assert all(a != b for a, b in zip(keys[4000], keys[5000]))
+
+
+def test_two_token_counts_in_one_bucket_reuse_one_tuning_entry(monkeypatch):
+    """The tuner benchmarks a launch site's configs once per bucket: a second token count in the bucket is a hit."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    tuner = launch.Tuner()
+    timed = []
+    monkeypatch.setattr(launch, "benchmark", lambda fn: fn() or 1.0 + len(timed))
+    (gemm_3000,) = [r for r in _record_forward(3000) if "fused" in r.site]
+    (gemm_4000,) = [r for r in _record_forward(4000) if "fused" in r.site]
+    (gemm_5000,) = [r for r in _record_forward(5000) if "fused" in r.site]
+    configs = gemm_4000.configs
+    assert len(configs) >= 2
+    for rec in (gemm_3000, gemm_4000, gemm_3000):
+        chosen = tuner.choose(rec.tune_key, configs, timed.append, can_benchmark=True)
+        assert chosen in configs
+    assert tuner.benchmarks == len(configs) and len(timed) == len(configs) and len(tuner.best) == 1
+    tuner.choose(gemm_5000.tune_key, configs, timed.append, can_benchmark=True)
+    assert tuner.benchmarks == 2 * len(configs) and len(tuner.best) == 2
+    # While a CUDA graph is captured nothing is benchmarked: a miss runs the first (heuristic) config.
+    assert tuner.choose(("other",), configs, timed.append, can_benchmark=False) is configs[0]
+    assert tuner.benchmarks == 2 * len(configs)
+
+
+def test_gemm_configs_include_hopper_tiles():
+    sizes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+             for c in K.tail_adapter.gemm_configs(torch.bfloat16)}
+    assert (128, 256, 64, 8) in sizes
+    assert all(c.kwargs["BLOCK_N"] <= 128 for c in K.tail_adapter.gemm_configs(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # spectral penalty
 
 
-def _penalty_eager(A, B, U, V, w, c):
-    """The penalty in Gram form, computed by PyTorch in the inputs' dtype (float64 inputs: the oracle)."""
-    w = w.to(A.dtype)
-    if U is None:
-        Bh, Ah = B, A
-    else:
-        Bh, Ah = U.T @ B, A @ V
-    return c * ((Bh.T @ (w[:, None] * Bh)) * (A @ A.T)).sum() + c * ((B.T @ B) * ((Ah * w) @ Ah.T)).sum()
-
-
-def _penalty_grads_eager(A, B, U, V, w, c, g):
-    """Closed-form gradients (module docstring of kernels/spectral_penalty.py), in the inputs' dtype."""
-    w = w.to(A.dtype)
-    if U is None:
-        dA = (B.T @ (w[:, None] * B)) @ A + ((B.T @ B) @ A) * w
-        dB = w[:, None] * (B @ (A @ A.T)) + B @ ((A * w) @ A.T)
-    else:
-        Bh, Ah = U.T @ B, A @ V
-        dA = (Bh.T @ (w[:, None] * Bh)) @ A + (((B.T @ B) @ Ah) * w) @ V.T
-        dB = U @ (w[:, None] * Bh @ (A @ A.T)) + B @ ((Ah * w) @ Ah.T)
-    return 2 * c * g * dA, 2 * c * g * dB
-
-
-def _penalty_inputs(mode, r, dtype, seed=3):
-    k, d_in, d_out, h = 50, 96, 70, 12
-    g = torch.Generator().manual_seed(seed)
-    if mode == "full":
-        A = torch.randn(r, k, generator=g, dtype=torch.float64)
-        B = torch.randn(k, r, generator=g, dtype=torch.float64)
-        U = V = None
-        w = torch.rand(k, generator=g, dtype=torch.float64)
-        w[k // 2:] = 0  # "head" weighting: zeros on the tail
-    else:
-        A = torch.randn(r, d_in, generator=g, dtype=torch.float64)
-        B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
-        U = torch.linalg.qr(torch.randn(d_out, h, generator=g, dtype=torch.float64))[0].to(dtype)
-        V = torch.linalg.qr(torch.randn(d_in, h, generator=g, dtype=torch.float64))[0].to(dtype)
-        w = torch.rand(h, generator=g, dtype=torch.float64)
-    return A.to(dtype), B.to(dtype), U, V, w.float()
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=ID.get)
 @pytest.mark.parametrize("mode", ["full", "head"])
 @pytest.mark.parametrize("r", [1, 5, 40])
 def test_spectral_penalty(dtype, mode, r):
-    A, B, U, V, w = _penalty_inputs(mode, r, dtype)
-    c, g = 0.3, 1.7
-    val = K.spectral_penalty_forward(A, B, U, V, w, c)
-    assert val.shape == () and val.dtype == torch.float32
-    oracle = _penalty_eager(_d(A), _d(B), _d(U), _d(V), w.double(), c)
-    assert_close("value", val, _penalty_eager(A, B, U, V, w, c), oracle, dtype)
-
-    dA, dB = K.spectral_penalty_backward(torch.tensor(g), A, B, U, V, w, c)
-    assert dA.shape == A.shape and dB.shape == B.shape and dA.dtype == dtype and dB.dtype == dtype
-    dA64, dB64 = _penalty_grads_eager(_d(A), _d(B), _d(U), _d(V), w.double(), c, g)
-    dA_e, dB_e = _penalty_grads_eager(A, B, U, V, w, c, g)
-    assert_close("dA", dA, dA_e, dA64, dtype)
-    assert_close("dB", dB, dB_e, dB64, dtype)
+    check_spectral_penalty(K.spectral_penalty_forward, K.spectral_penalty_backward, mode, r, dtype)
 
 
 @pytest.mark.parametrize("mode", ["full", "head"])
 def test_spectral_penalty_gradients_match_autograd(mode):
     # The closed forms used as oracle above agree with autograd on the float64 Gram-form value.
-    A, B, U, V, w = _penalty_inputs(mode, 3, torch.float64)
+    A, B, U, V, w = penalty_inputs(mode, 3, torch.float64)
     A.requires_grad_(True)
     B.requires_grad_(True)
-    _penalty_eager(A, B, U, V, w.double(), 0.3).backward(torch.tensor(1.7, dtype=torch.float64))
-    dA, dB = _penalty_grads_eager(A.detach(), B.detach(), U, V, w.double(), 0.3, 1.7)
+    penalty_eager(A, B, U, V, w.double(), 0.3).backward(torch.tensor(1.7, dtype=torch.float64))
+    dA, dB = penalty_grads_eager(A.detach(), B.detach(), U, V, w.double(), 0.3, 1.7)
     torch.testing.assert_close(A.grad, dA)
     torch.testing.assert_close(B.grad, dB)
     # ... and with the definition λ(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) (orthonormal frame, s folded into c).
@@ -308,11 +257,11 @@ def test_spectral_penalty_gradients_match_autograd(mode):
         dW = B @ A
         om = w.double().sqrt()
         direct = 0.3 * ((om[:, None] * (U.T @ dW)).square().sum() + ((dW @ V) * om).square().sum())
-    torch.testing.assert_close(_penalty_eager(A, B, U, V, w.double(), 0.3), direct)
+    torch.testing.assert_close(penalty_eager(A, B, U, V, w.double(), 0.3), direct)
 
 
 def test_spectral_penalty_rejects_bad_inputs():
-    A, B, U, V, w = _penalty_inputs("head", 2, torch.float32)
+    A, B, U, V, w = penalty_inputs("head", 2, torch.float32)
     with pytest.raises(ValueError, match="U and V"):
         K.spectral_penalty_forward(A, B, U, None, w, 1.0)
     with pytest.raises(ValueError, match="omega2 has length"):
@@ -323,13 +272,13 @@ def test_spectral_penalty_rejects_bad_inputs():
         K.spectral_penalty_forward(A, B, U, V, torch.rand(2 * w.shape[0])[::2], 1.0)
     with pytest.raises(ValueError, match="grad"):
         K.spectral_penalty_backward(torch.ones(2), A, B, U, V, w, 1.0)
-    Af, Bf, _, _, wf = _penalty_inputs("full", 2, torch.float32)
+    Af, Bf, _, _, wf = penalty_inputs("full", 2, torch.float32)
     with pytest.raises(ValueError, match="B has shape"):
         K.spectral_penalty_forward(Af, Bf[:-1], None, None, wf, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ahead-of-time compilation (no GPU, no interpreter)
+# ahead-of-time compilation of the real call sites (no GPU, no interpreter)
 
 
 def _kernel_names():
@@ -339,22 +288,44 @@ def _kernel_names():
     return names
 
 
-def test_aot_entries_cover_every_kernel_and_dtype():
-    listed = {(e["name"], e["dtype"]) for e in K.AOT_KERNELS}
-    names = _kernel_names()
-    assert names == {"_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel"}
-    assert listed == {(n, dt) for n in names for dt in ("fp32", "fp16", "bf16")}
+def test_aot_specializations_are_the_call_sites(monkeypatch):
+    """check-kernels compiles what the launchers really launch: every kernel, every activation dtype, integers
+    equal to 1 (unit strides) and divisible by 16, an odd token count, the split-K workspace, Hopper tiles."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    from taillor.check_kernels import config_for, specializations
+    entries = specializations()
+    assert {e["kernel"].fn.__name__ for e in entries} == _kernel_names() == {
+        "_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel"}
+    labels = {e["dtype"] for e in entries}
+    assert {"fp32 T%16=0", "fp16 T%16=0", "bf16 T%16=0", "bf16 odd T", "fp32 -> bf16", "fp32"} <= labels
+    def ints(entry):
+        return [a for a in entry["args"] if isinstance(a, int) and not isinstance(a, bool)]
+
+    gemm = [e for e in entries if e["kernel"].fn.__name__ == "_tail_gemm_kernel" and e["dtype"] == "bf16 odd T"]
+    assert gemm and all(8191 in ints(e) for e in gemm)
+    assert all(1 in ints(e) and 4096 in ints(e) for e in gemm)  # unit strides (== 1) and 16-divisible sizes
+    split_k = [e for e in entries if "dP" in e["site"] and any(
+        isinstance(a, torch.Tensor) and a.dim() == 3 and a.dtype == torch.float32 for a in e["args"])]
+    assert split_k, "the split-K workspace launch of dP = s x_aT G is not among the compiled specializations"
+    bf16_fused = next(e for e in entries if "fused y" in e["site"] and e["dtype"] == "bf16 T%16=0")
+    assert config_for(bf16_fused, 90).kwargs["BLOCK_N"] == 256
+    fp32_pair = next(e for e in entries if e["kernel"].fn.__name__ == "_pair_kernel" and e["dtype"] == "fp32 T%16=0")
+    assert all(config_for(fp32_pair, cc) in fp32_pair["configs"] for cc in (80, 90))
 
 
 @pytest.mark.slow
-def test_check_kernels_compiles_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "taillor.check_kernels", "--arch", "sm_80,sm_90"],
-                          env=env, capture_output=True, text=True, timeout=900)
+def test_check_kernels_compiles_for_sm80_and_sm90(monkeypatch):
+    """A subset here (the projections: 3 specializations x 2 archs); `make test` runs the whole check."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    import os
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "taillor.check_kernels", "--arch", "sm_80,sm_90",
+                           "--only", "projection forward"], env=dict(os.environ), capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    for name in _kernel_names():
-        for dt in ("fp32", "fp16", "bf16"):
-            for arch in ("sm_80", "sm_90"):
-                assert any(ln.split()[:1] == [name] and f" {dt} " in ln and f" {arch} " in ln
-                           and ln.rstrip().endswith("ok") for ln in lines), f"{name} {dt} {arch} missing"
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("_pair_kernel")]
+    assert len(rows) == 6 and all(ln.rstrip().endswith("ok") for ln in rows), proc.stdout
+    for label in ("fp32 -> fp32", "fp32 -> fp16", "fp32 -> bf16"):
+        for arch in ("sm_80", "sm_90"):
+            assert any(label in ln and arch in ln for ln in rows), (label, arch)

@@ -30,7 +30,8 @@ def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optio
     gram_B = B.t() @ B
     left = (B_h.t() * omega2) @ B_h
     right = (A_h * omega2) @ A_h.t()
-    return coeff * ((left * gram_A).sum() + (gram_B * right).sum())
+    # ω² may be float32 for bf16/fp16 factors: the value is computed in the promoted dtype and returned in A's.
+    return (coeff * ((left * gram_A).sum() + (gram_B * right).sum())).to(A.dtype)
 
 
 def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
@@ -49,4 +50,4 @@ def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Te
     else:
         dA = left @ A + (gram_B @ weighted_A_h) @ V.t()
         dB = U @ (weighted_B_h @ gram_A) + B @ right
-    return dA * factor, dB * factor
+    return (dA * factor).to(A.dtype), (dB * factor).to(B.dtype)
