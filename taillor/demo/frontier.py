@@ -4,7 +4,7 @@ One run is one point (plasticity, retention): plasticity = ACC − ACC(frozen, s
 R@1 kept and the final cosine similarity to the base model's embeddings. Each method sweeps its own strength:
 
 * TailLoR, both frames, over head size × strength: no penalty (λ = 0) and head-share targets ρ
-  (:mod:`taillor.strength`), plus the fixed λ of earlier releases for comparison;
+  (:mod:`taillor.strength`), plus the defaults of earlier releases (fixed λ = 10, Kaiming init) for comparison;
 * PEFT LoRA, merge+restart and continued, over its learning rate (the baseline is tuned, not handicapped);
 * full fine-tuning over its learning rate;
 * the frozen reference (the origin of the plasticity axis).
@@ -30,7 +30,9 @@ TAILLOR_HEADS = (0.1, 0.25)
 TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
                      ("ρ=0.05", {"head_share_target": 0.05}),
                      ("ρ=0.01", {"head_share_target": 0.01}),
-                     ("λ=10 fixed", {"penalty": 10.0, "head_share_target": None}))
+                     ("ρ=0.002", {"head_share_target": 0.002}))
+# The defaults before head_share_target existed: a fixed λ = 10 with A Kaiming-uniform on every coordinate.
+PREVIOUS_DEFAULT = ("λ=10 fixed, kaiming", {"head": 0.25, "penalty": 10.0, "head_share_target": None, "init": "kaiming"})
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 FULL_FT_LRS = (1e-5, 3e-5)
 RETENTION_AXES = (("r1_retention", "retrieval R@1 kept (final / base)"),
@@ -58,6 +60,8 @@ def frontier_points(quick: bool) -> list[FrontierPoint]:
             for name, overrides in strengths:
                 points.append(FrontierPoint(method, f"head {head:g}, {name}",
                                             tuple(sorted({"head": head, **overrides}.items()))))
+        name, overrides = PREVIOUS_DEFAULT
+        points.append(FrontierPoint(method, f"head 0.25, {name}", tuple(sorted(overrides.items()))))
     for method in ("lora-merged", "lora-continued"):
         points += [FrontierPoint(method, f"lr {lr:g}", (("lr_lora", lr),)) for lr in LORA_LRS]
     points += [FrontierPoint("full-ft", f"lr {lr:g}", (("lr_full", lr),)) for lr in FULL_FT_LRS]
