@@ -19,6 +19,7 @@ from .settings import DemoSettings
 __all__ = ["run_jobs"]
 
 _WORKER_CONTEXT: dict = {}
+_COST_RANK = {"full-ft": 0, "frozen": 2}
 
 
 def _init_worker(data_settings: DemoSettings) -> None:
@@ -52,7 +53,10 @@ def run_jobs(jobs: Iterable[tuple[str, DemoSettings, int]], ctx: dict, data_sett
     results: list = [None] * len(jobs)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(replace(data_settings, workers=1),)) as pool:
-        futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+        # Longest first (full fine-tuning, then the adapters, the frozen reference last), so that the workers finish
+        # together instead of one waiting on a long job submitted last.
+        order = sorted(range(len(jobs)), key=lambda i: _COST_RANK.get(jobs[i][0], 1))
+        futures = {pool.submit(_run_job, jobs[i]): i for i in order}
         for done, future in enumerate(as_completed(futures), 1):
             i = futures[future]
             results[i] = future.result()

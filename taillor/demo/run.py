@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.frontier:
             from .frontier import run_frontier
-            run_frontier(settings, out, quick=args.quick)
+            run_frontier(settings, out)
         elif args.robustness:
             from .frontier import run_robustness
             run_robustness(settings, out)
