@@ -30,7 +30,7 @@ __all__ = ["Corpus", "german_corpus", "code_corpus", "english_texts", "pack_toke
 CODE_EXCLUDED = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "encodings",
                            "lib2to3", "ensurepip", "turtledemo", "pydoc_data", "__phello__", "config-3"})
 
-_PLACEHOLDER = re.compile(r"%\([^)]*\)[sdif]|%[sdif]|\{[^}]*\}|<[^>]+>|&\w+;")
+_PLACEHOLDER = re.compile(r"%\([^)]*\)[sdifr]|%[sdifr]|\{[^}]*\}|<[^>]+>|&\w+;")
 _SPACES = re.compile(r"\s+")
 
 
