@@ -14,7 +14,6 @@ Writes ``results.json``, ``llm.png`` (perplexities, retention vs plasticity) and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -33,7 +32,6 @@ __all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "main", "run
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = {"english": "The best advice I ever got about learning something new was",
            "german": "Bitte geben Sie Ihr Passwort ein, damit"}
-SERVING_TOLERANCE = 1e-3  # relative perplexity difference allowed between the trained and the exported model
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class LLMSettings:
     library defaults."""
 
     block_tokens: int = 128       # tokens per training / evaluation block
-    batch_size: int = 4           # blocks per micro-batch
+    batch_size: int = 2           # blocks per micro-batch
     grad_accum: int = 2           # micro-batches per optimizer step
     steps: int = 40               # optimizer steps per task
     eval_blocks: int = 24         # evaluation blocks per domain
@@ -215,45 +213,6 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
     return result, method
 
 
-def spectral_rows(method, ctx: dict, settings: LLMSettings, head):
-    """Spectral report rows of the blocks in ``settings.spectral_blocks``: ``taillor.spectral_report`` of each
-    block for TailLoR, ``spectral_report_from_weights`` against the base weights otherwise."""
-    import taillor
-    from ..report import spectral_report_from_weights
-
-    if method.is_taillor:
-        rows = []
-        for block in settings.spectral_blocks:
-            prefix = f"model.layers.{block}."
-            rows += [dataclasses.replace(r, name=prefix + r.name)
-                     for r in taillor.spectral_report(method.net.get_submodule(prefix[:-1]))]
-        return rows
-    pretrained = ctx["pretrained"]
-    return spectral_report_from_weights(pretrained, method.current_weights(list(pretrained)), head)
-
-
-def serving_check(method, ctx: dict, trained_ppl, directory: str, log=print) -> dict:
-    """export_lora -> PeftModel.from_pretrained on a fresh base -> the same perplexities (relative 1e-3)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    import taillor
-    from .llm_model import perplexity
-
-    taillor.export_lora(method.net, directory)
-    fresh = AutoModelForCausalLM.from_pretrained(ctx["model_dir"], local_files_only=True)
-    served = PeftModel.from_pretrained(fresh, directory)
-    ppl = [perplexity(served, ctx["eval"][d], ctx["pad"]) for d in DOMAINS]
-    worst = max(abs(a - b) / b for a, b in zip(ppl, trained_ppl))
-    ok = worst <= SERVING_TOLERANCE
-    log(f"serving check {LABELS[method.name]}: export_lora → PeftModel.from_pretrained on a fresh base: ppl " +
-        " ".join(f"{d} {a:.3f} (trained {b:.3f})" for d, a, b in zip(DOMAINS, ppl, trained_ppl)) +
-        f"; max relative difference {worst:.1e} {'<=' if ok else '>'} {SERVING_TOLERANCE:g}: "
-        f"{'MATCH' if ok else 'MISMATCH'}")
-    return {"method": method.name, "served_ppl": ppl, "trained_ppl": list(trained_ppl),
-            "max_relative_difference": worst, "tolerance": SERVING_TOLERANCE, "match": ok}
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -264,8 +223,9 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
     import torch
 
     import taillor
-    from ..report import format_spectral_report, plot_spectral_report
-    from .llm_report import aggregate, format_table, plot_results
+    from ..report import plot_spectral_report
+    from .llm_checks import serving_check, spectral_rows
+    from .llm_report import aggregate, format_generations, format_spectral_summary, format_table, plot_results
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
@@ -284,10 +244,11 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
             log(f"  {name:<14} seed {seed}: plasticity {m['plasticity']:+.1%}, English {m['english_change']:+.1%}, "
                 f"German after code {m['first_task_change']:+.1%} ({result['wall_seconds']:.0f}s)")
             if seed == 0 and method.trains:
-                spectral[name] = spectral_rows(method, ctx, settings, head)
+                spectral[name] = spectral_rows(method, ctx["pretrained"], settings.spectral_blocks, head)
                 if method.is_taillor:
-                    serving.append(serving_check(method, ctx, result["ppl"][-1],
-                                                 os.path.join(out_dir, f"lora-export-{name}"), log))
+                    serving.append(serving_check(method, ctx["model_dir"], ctx["eval"], ctx["pad"],
+                                                 result["ppl"][-1], os.path.join(out_dir, f"lora-export-{name}"),
+                                                 log))
             del method
     shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -325,23 +286,9 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
     log("")
     log(format_table(agg, base))
     log("")
-    for name in settings.methods:
-        run = next(r for r in runs if r["method"] == name)
-        log(f"{LABELS[name]} (seed {run['seed']}) greedy continuations after each task:")
-        for task, generations in zip(TASKS, run["generations"]):
-            for k, text in generations.items():
-                log(f"  after {task:<6} {k:<7} {text!r}")
+    log(format_generations(runs, settings.methods))
     log("")
-    log("Spectral report, mean over the reported layers (share of ||ΔW||² in the top-h singular directions):")
-    for name, rows in spectral.items():
-        n = len(rows)
-        log(f"  {LABELS[name]:<22} head share L {100 * sum(r.head_share_left for r in rows) / n:5.2f}%  "
-            f"R {100 * sum(r.head_share_right for r in rows) / n:5.2f}%  (uniform "
-            f"{100 * rows[0].uniform_share:.2f}%)  |ΔW|/|W| {sum(r.relative_delta for r in rows) / n:.4f}")
-    if "taillor-full" in spectral:
-        log("")
-        log("TailLoR (full frame) per layer:")
-        log(format_spectral_report(spectral["taillor-full"]))
+    log(format_spectral_summary(spectral))
     log("")
     for check in serving:
         log(f"serving check {LABELS[check['method']]}: max relative ppl difference "

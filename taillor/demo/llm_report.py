@@ -19,7 +19,8 @@ from typing import Sequence
 from ..continual import summarize
 from .llm_methods import LABELS
 
-__all__ = ["DOMAINS", "TASKS", "run_metrics", "aggregate", "format_table", "plot_results"]
+__all__ = ["DOMAINS", "TASKS", "run_metrics", "aggregate", "format_table", "format_generations",
+           "format_spectral_summary", "plot_results"]
 
 DOMAINS = ("german", "code", "english")
 TASKS = ("german", "code")
@@ -102,6 +103,36 @@ def format_table(agg: dict, base: Sequence[float]) -> str:
             f"{_fmt(e['english_change'], '+.1%'):>12} {_fmt(e['first_task_change'], '+.1%'):>13} "
             f"{_fmt(e['bwt_nats'], '+.3f'):>13} {e['trainable_params']:>11,} {tps:>7} "
             f"{e['wall_seconds'][0]:>7.0f}")
+    return "\n".join(lines)
+
+
+def format_generations(runs: list[dict], methods: Sequence[str]) -> str:
+    """The greedy continuations after each task of each method's first run."""
+    lines = []
+    for name in methods:
+        run = next((r for r in runs if r["method"] == name), None)
+        if run is None:
+            continue
+        lines.append(f"{LABELS.get(name, name)} (seed {run['seed']}) greedy continuations after each task:")
+        for task, generations in zip(TASKS, run["generations"]):
+            lines += [f"  after {task:<6} {k:<7} {text!r}" for k, text in generations.items()]
+    return "\n".join(lines)
+
+
+def format_spectral_summary(spectral: dict) -> str:
+    """Per method, the mean over its reported layers of the head shares and |ΔW|/|W|; then TailLoR's per-layer
+    table."""
+    from ..report import format_spectral_report
+
+    lines = ["Spectral report, mean over the reported layers (share of ||ΔW||² in the top-h singular directions):"]
+    for name, rows in spectral.items():
+        n = len(rows)
+        lines.append(f"  {LABELS.get(name, name):<22} head share L "
+                     f"{100 * sum(r.head_share_left for r in rows) / n:5.2f}%  R "
+                     f"{100 * sum(r.head_share_right for r in rows) / n:5.2f}%  (uniform "
+                     f"{100 * rows[0].uniform_share:.2f}%)  |ΔW|/|W| {sum(r.relative_delta for r in rows) / n:.4f}")
+    if "taillor-full" in spectral:
+        lines += ["", "TailLoR (full frame) per layer:", format_spectral_report(spectral["taillor-full"])]
     return "\n".join(lines)
 
 
