@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {DEFAULT.rank})")
     p.add_argument("--targets", default=None, help=f"comma-separated target modules (default {','.join(TARGETS)})")
     p.add_argument("--bf16", action="store_true", help="train under CPU bf16 autocast (slower without AMX)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 with --quick, which is robust on a busy machine; otherwise "
+                        "torch's choice)")
     return p
 
 
@@ -368,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         print(f"taillor demo: {e}", file=sys.stderr)
         return 2
-    if args.threads:
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     out = args.out or os.path.join("runs", time.strftime("llm-%Y%m%d-%H%M%S"))
     try:
         run_llm_demo(settings, out)
