@@ -83,6 +83,8 @@ class LMMethod:
         return get_peft_model(model, config)
 
     def trainable_parameters(self) -> int:
+        if not self.trains:
+            return 0
         return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
 
     def end_task(self, _model: nn.Module) -> None:

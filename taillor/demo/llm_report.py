@@ -152,10 +152,9 @@ def plot_results(agg: dict, base: Sequence[float], path: str, title: str) -> str
             std = [0.0] + [e["ppl"][i][d][1] for i in range(len(TASKS))]
             ax.errorbar(range(len(stages)), mean, yerr=std, marker="o", ms=3, capsize=2,
                         label=LABELS.get(name, name), ls="--" if name == "frozen" else "-")
-        ax.set_yscale("log")
         ax.set_xticks(range(len(stages)), stages, fontsize=8)
         ax.set_title(f"{domain} perplexity" + (" (never trained on)" if domain not in TASKS else ""), fontsize=9)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     ax = axes[-1]
     for name, e in agg.items():
@@ -163,7 +162,7 @@ def plot_results(agg: dict, base: Sequence[float], path: str, title: str) -> str
                     yerr=100 * e["english_change"][1], marker="o", capsize=2, label=LABELS.get(name, name))
     ax.axhline(0, color="k", lw=0.6)
     ax.axvline(0, color="k", lw=0.6)
-    ax.set_xlabel("plasticity: mean relative ppl drop on the task just learned (%)", fontsize=8)
+    ax.set_xlabel("plasticity: mean ppl drop on the task just learned (%)", fontsize=8)
     ax.set_ylabel("English ppl change after both tasks (%)", fontsize=8)
     ax.set_title("retention vs plasticity (right and low is better)", fontsize=9)
     ax.grid(alpha=0.3)
