@@ -32,7 +32,7 @@ __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontie
 TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
                      ("ρ=0.05", {"head_share_target": 0.05}),
                      ("default", {}),
-                     ("ρ=0.005", {"head_share_target": 0.005}),
+                     ("ρ=0.002", {"head_share_target": 0.002}),
                      ("λ=10 fixed, kaiming (previous default)",
                       {"penalty": 10.0, "head_share_target": None, "init": "kaiming"}))
 TAILLOR_VARIANTS = (("default, head 0.1", {"head": 0.1}),
