@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         model, rest = _demo_model(rest)
         if model == "smollm2":
-            from .demo.llm import main as llm_demo_main
+            from .demo.llm_cli import main as llm_demo_main
             return llm_demo_main(rest)
         if model not in (None, "minilm"):
             print(f"taillor demo: unknown --model {model!r}; choose minilm (the default) or smollm2", file=sys.stderr)

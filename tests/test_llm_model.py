@@ -62,7 +62,7 @@ def test_tiny_demo_run_writes_consistent_results(tmp_path):
 
     settings = replace(QUICK, block_tokens=32, batch_size=1, grad_accum=2, steps=2, eval_blocks=2,
                        generate_tokens=4, targets=("q_proj", "v_proj"), spectral_blocks=(0,),
-                       methods=("frozen", "taillor-head", "lora-merged"))
+                       methods=("frozen", "taillor-head", "lora-merged"), workers=1)
     run_llm_demo(settings, str(tmp_path), log=lambda *_: None)
     results = json.loads((tmp_path / "results.json").read_text())
     base = [results["base"]["ppl"][d] for d in ("german", "code", "english")]

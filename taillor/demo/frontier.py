@@ -79,8 +79,8 @@ def robustness_points(settings: DemoSettings) -> list[FrontierPoint]:
     """TailLoR at the library default next to λ = 0, both frames, with the adapter learning rate and the steps
     per task halved and doubled and alpha doubled; the frozen reference at each step count."""
     variants = [("as set", ()), ("lr ×0.5", (("lr", settings.lr / 2),)), ("lr ×2", (("lr", settings.lr * 2),)),
-                ("steps ×0.5", (("steps", max(1, settings.steps // 2)),)), ("steps ×2", (("steps", settings.steps * 2),)),
-                ("alpha ×2", (("alpha", settings.alpha * 2),))]
+                ("steps ×0.5", (("steps", max(1, settings.steps // 2)),)),
+                ("steps ×2", (("steps", settings.steps * 2),)), ("alpha ×2", (("alpha", settings.alpha * 2),))]
     points = [FrontierPoint("frozen", name, overrides) for name, overrides in variants
               if name in ("as set", "steps ×0.5", "steps ×2")]
     for method in ("taillor-full", "taillor-head"):
@@ -211,6 +211,7 @@ def run_robustness(settings: DemoSettings, out_dir: str, log=print) -> dict:
 def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str, kind: str, log=print) -> dict:
     """Run each point for ``settings.seeds`` seeds in ``settings.workers`` processes; write ``<kind>.json``,
     ``<kind>.png`` and ``<kind>.md`` to ``out_dir`` and return the JSON document."""
+    from .methods import describe, run_job
     from .pool import run_jobs
     from .run import environment, prepare
     from .summary import with_plasticity
@@ -221,7 +222,7 @@ def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str
     jobs = [(p.method, p.settings(settings), seed) for seed in range(settings.seeds) for p in points]
     log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
         f"worker(s), {settings.steps} steps/task")
-    runs = run_jobs(jobs, ctx, settings, settings.workers, log)
+    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
     for index, run in enumerate(runs):
         run["point"] = index % len(points)  # jobs are seed-major
     runs = with_plasticity(runs)

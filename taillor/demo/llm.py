@@ -13,13 +13,11 @@ Writes ``results.json``, ``llm.png`` (perplexities, retention vs plasticity) and
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
@@ -27,7 +25,7 @@ from typing import Optional, Union
 from .llm_methods import LABELS, METHODS
 from .llm_report import DOMAINS, TASKS
 
-__all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "main", "run_llm_demo"]
+__all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "run_llm_demo", "run_job", "describe"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = {"english": "The best advice I ever got about learning something new was",
@@ -57,6 +55,8 @@ class LLMSettings:
     generate_tokens: int = 24
     spectral_blocks: tuple = (0, 5, 10, 15, 20, 25, 29)  # transformer blocks in the spectral report
     bf16: bool = False            # CPU bf16 autocast: slower than float32 without AMX / avx512_bf16 (README)
+    workers: int = 2              # processes that run methods side by side, one torch thread each
+    frame_cache_dir: Optional[str] = None  # TailLoR frames computed once, here, and read by every worker
 
 
 # --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
@@ -133,14 +133,37 @@ def _block_of(name: str) -> Optional[int]:
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
 
 
-def _taillor_overrides(settings: LLMSettings) -> dict:
-    return {k: getattr(settings, k) for k in ("head", "penalty") if getattr(settings, k) is not None}
+def taillor_overrides(settings: LLMSettings) -> dict:
+    """The TailLoRConfig fields these settings set (the rest are the library's defaults)."""
+    return {k: getattr(settings, k) for k in ("head", "penalty", "frame_cache_dir") if getattr(settings, k) is not None}
+
+
+def build_frames_once(model, settings: LLMSettings, log=print) -> None:
+    """Compute the frames of every TailLoR method and seed here, in the main process with all its threads, into
+    ``settings.frame_cache_dir``: the workers then read them instead of each running 210 SVDs on one thread."""
+    import taillor
+
+    for name in (m for m in settings.methods if m.startswith("taillor")):
+        frame = "full" if name == "taillor-full" else "head"
+        for seed in range(settings.seeds if frame == "head" else 1):  # a head frame's sketch is seeded
+            t0 = time.perf_counter()
+            config = taillor.TailLoRConfig(rank=settings.rank, alpha=settings.alpha, frame=frame, seed=seed,
+                                           target_modules=list(settings.targets), **taillor_overrides(settings))
+            taillor.build_frames(model, config, progress=False)
+            log(f"frames of {name} (seed {seed}): {time.perf_counter() - t0:.0f}s")
+
+
+def _library_head(settings: LLMSettings) -> Union[int, float]:
+    """TailLoR's head under these settings: the head in which every method's spectral report is measured."""
+    from ..config import TailLoRConfig
+
+    return TailLoRConfig(**taillor_overrides(settings)).head
 
 
 # ---------------------------------------------------------------------------------------------- one run
 
 
-def _training_arguments(settings: LLMSettings, lr: float, seed: int, output_dir: str):
+def _training_arguments(settings: LLMSettings, lr: float, seed: int, output_dir: str, progress: bool = True):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -150,13 +173,15 @@ def _training_arguments(settings: LLMSettings, lr: float, seed: int, output_dir:
         max_grad_norm=1.0,
         logging_steps=max(1, settings.steps // 4), include_num_input_tokens_seen="non_padding", report_to=[],
         save_strategy="no", use_cpu=True, bf16=settings.bf16, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, disable_tqdm=False)
+        dataloader_num_workers=0, disable_tqdm=not progress)
 
 
-def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir: str, log=print):
+def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir: str, log=print,
+               progress: bool = True):
     """Train ``name`` on the tasks in order; returns (result dict, the LMMethod)."""
     import torch
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
 
     import taillor
     from ..hf_trainer import CausalLMCollator, TailLoRTrainer, train_tasks
@@ -167,7 +192,7 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
     t0 = time.perf_counter()
     method = LMMethod(name, ctx["model"], rank=settings.rank, alpha=settings.alpha, targets=settings.targets,
                       lr=settings.lr, lr_full=settings.lr_full, seed=seed,
-                      taillor_overrides=_taillor_overrides(settings))
+                      taillor_overrides=taillor_overrides(settings))
     result = {"method": name, "seed": seed, "trainable_params": method.trainable_parameters(), "ppl": [],
               "generations": [], "train": [], "lr": method.lr if method.trains else None,
               "taillor_config": method.config.to_dict() if method.config is not None else None}
@@ -180,9 +205,12 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
         def make_trainer(_model, task):
             # lora-merged replaces its PeftModel after each task: always train the method's current network
             cls = TailLoRTrainer if method.is_taillor else Trainer
-            args = _training_arguments(settings, method.lr, seed, os.path.join(work_dir, "trainer"))
-            return cls(model=method.net, args=args, train_dataset=TokenBlocks(ctx["train"][task]),
-                       data_collator=collator)
+            args = _training_arguments(settings, method.lr, seed, os.path.join(work_dir, "trainer"), progress)
+            trainer = cls(model=method.net, args=args, train_dataset=TokenBlocks(ctx["train"][task]),
+                          data_collator=collator)
+            if not progress:  # without progress bars the Trainer prints every log line instead
+                trainer.remove_callback(PrinterCallback)
+            return trainer
 
         def after_task(index, trainer):
             history = trainer.state.log_history
@@ -214,6 +242,36 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
     return result, method
 
 
+def run_job(job: tuple, ctx: dict) -> dict:
+    """One ``(name, settings, seed, out_dir)`` job of :func:`taillor.demo.pool.run_jobs`: the run, and for seed 0
+    its spectral report and, for TailLoR, the serving check (exported under ``out_dir``)."""
+    from .llm_checks import serving_check, spectral_rows
+
+    name, settings, seed, out_dir = job
+    quiet = settings.workers > 1
+    log = (lambda *_: None) if quiet else print
+    work_dir = os.path.join(out_dir, "work", f"{name}-{seed}")
+    result, method = run_method(name, ctx, settings, seed, work_dir, log, progress=not quiet)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    result["spectral"], result["serving"] = [], None
+    if seed == 0 and method.trains:
+        head = method.config.head if method.config is not None else _library_head(settings)
+        result["spectral"] = [r.to_dict() for r in spectral_rows(method, ctx["pretrained"], settings.spectral_blocks,
+                                                                  head)]
+        if method.is_taillor:
+            result["serving"] = serving_check(method, ctx["model_dir"], ctx["eval"], ctx["pad"], result["ppl"][-1],
+                                              os.path.join(out_dir, f"lora-export-{name}"), log)
+    return result
+
+
+def describe(result: dict) -> str:
+    """One line for a finished run."""
+    m = result["metrics"]
+    return (f"{result['method']:<14} seed {result['seed']}: plasticity {m['plasticity']:+.1%}, English "
+            f"{m['english_change']:+.1%}, German after code {m['first_task_change']:+.1%} "
+            f"({result['wall_seconds']:.0f}s)")
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -223,36 +281,28 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
 
     import torch
 
-    import taillor
-    from ..report import plot_spectral_report
-    from .llm_checks import serving_check, spectral_rows
+    from ..report import SpectralRow, plot_spectral_report
     from .llm_report import aggregate, format_generations, format_spectral_summary, format_table, plot_results
+    from .pool import run_jobs
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     os.makedirs(out_dir, exist_ok=True)
-    work_dir = os.path.join(out_dir, "work")
     t0, c0 = time.perf_counter(), time.process_time()
+    settings = replace(settings, frame_cache_dir=os.path.join(out_dir, "frames"))
     ctx = prepare(settings, log)
-    log(f"set-up {time.perf_counter() - t0:.0f}s")
-    head = taillor.TailLoRConfig(**_taillor_overrides(settings)).head
-    runs, spectral, serving = [], {}, []
-    for seed in range(settings.seeds):
-        for name in settings.methods:
-            result, method = run_method(name, ctx, settings, seed, work_dir, log)
-            runs.append(result)
-            m = result["metrics"]
-            log(f"  {name:<14} seed {seed}: plasticity {m['plasticity']:+.1%}, English {m['english_change']:+.1%}, "
-                f"German after code {m['first_task_change']:+.1%} ({result['wall_seconds']:.0f}s)")
-            if seed == 0 and method.trains:
-                spectral[name] = spectral_rows(method, ctx["pretrained"], settings.spectral_blocks, head)
-                if method.is_taillor:
-                    serving.append(serving_check(method, ctx["model_dir"], ctx["eval"], ctx["pad"],
-                                                 result["ppl"][-1], os.path.join(out_dir, f"lora-export-{name}"),
-                                                 log))
-            del method
-    shutil.rmtree(work_dir, ignore_errors=True)
-
+    build_frames_once(ctx["model"], settings, log)
+    log(f"set-up {time.perf_counter() - t0:.0f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) on "
+        f"{settings.workers} worker(s)")
+    jobs = [(name, settings, seed, out_dir) for seed in range(settings.seeds) for name in settings.methods]
+    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
+    for scratch in ("work", "frames"):
+        shutil.rmtree(os.path.join(out_dir, scratch), ignore_errors=True)
+    spectral = {r["method"]: [SpectralRow(**row) for row in r["spectral"]] for r in runs if r["spectral"]}
+    serving = [r["serving"] for r in runs if r["serving"]]
+    for r in runs:  # kept once, at the top level of results.json
+        del r["spectral"], r["serving"]
+    head = _library_head(settings)
     agg = aggregate(runs, settings.methods)
     base = ctx["base_ppl"]
     title = (f"SmolLM2-135M-Instruct, German → code; rank {settings.rank}, {settings.steps} steps/task × "
@@ -306,84 +356,3 @@ def _version(dist: str) -> Optional[str]:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _head_value(text: str) -> Union[int, float]:
-    return float(text) if any(c in text for c in ".eE") else int(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="taillor demo --model smollm2", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"small run: 1 seed, {QUICK.steps} steps/task of "
-                   f"{QUICK.batch_size * QUICK.grad_accum}×{QUICK.block_tokens} tokens")
-    p.add_argument("--seeds", type=int, default=None, help=f"seeds (default {DEFAULT.seeds}, {QUICK.seeds} with "
-                                                          "--quick); tables show mean ± std")
-    p.add_argument("--out", default=None, help="output folder (default runs/llm-<timestamp>/)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
-    p.add_argument("--lr", type=float, default=None, help=f"adapter learning rate, TailLoR and LoRA (default "
-                                                         f"{DEFAULT.lr:g})")
-    p.add_argument("--lr-full", type=float, default=None, help=f"full fine-tuning learning rate (default "
-                                                              f"{DEFAULT.lr_full:g})")
-    p.add_argument("--head", type=_head_value, default=None,
-                   help="TailLoR head: an int count or a float fraction (default: TailLoRConfig's)")
-    p.add_argument("--penalty", type=float, default=None, help="TailLoR penalty (default: TailLoRConfig's)")
-    p.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {DEFAULT.rank})")
-    p.add_argument("--targets", default=None, help=f"comma-separated target modules (default {','.join(TARGETS)})")
-    p.add_argument("--bf16", action="store_true", help="train under CPU bf16 autocast (slower without AMX)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 with --quick, which is robust on a busy machine; otherwise "
-                        "torch's choice)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .data import DataUnavailable
-
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    settings = QUICK if args.quick else DEFAULT
-    overrides: dict = {}
-    if args.seeds is not None:
-        if args.seeds < 1:
-            print(f"taillor demo: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
-            return 2
-        overrides["seeds"] = args.seeds
-    if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            print(f"taillor demo: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
-            return 2
-        overrides["methods"] = methods
-    if args.targets:
-        overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    for key in ("steps", "lr", "lr_full", "head", "penalty", "rank"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    if args.bf16:
-        overrides["bf16"] = True
-    settings = replace(settings, **overrides)
-    try:  # a bad head or penalty fails here, before anything is loaded
-        import taillor
-
-        taillor.TailLoRConfig(**_taillor_overrides(settings))
-    except (TypeError, ValueError) as e:
-        print(f"taillor demo: {e}", file=sys.stderr)
-        return 2
-    threads = args.threads or (1 if args.quick else None)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    out = args.out or os.path.join("runs", time.strftime("llm-%Y%m%d-%H%M%S"))
-    try:
-        run_llm_demo(settings, out)
-    except DataUnavailable as e:
-        print(f"taillor demo: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
