@@ -217,7 +217,7 @@ class TailLoRLinear(nn.Module):
             self.strength_seen_B.copy_(B)
             total = self._update_energy(A, B)
             dual_step(self.penalty_strength, head_share(energy, total), changed & (total > 0),
-                      self.config.head_share_target)
+                      self.config.head_share_target, self.config.penalty)
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -17,8 +17,9 @@ the spectral report's head shares, and an update that ignores the spectrum has s
     log λ_l ← log λ_l + η · clamp(log(share_l / ρ), −2, 2),      η = HEAD_SHARE_GAIN
 
 so λ_l rises while the head holds more than ρ of the layer's update and falls while it holds less: the smallest
-strength that meets the target, found for this layer, loss and optimizer. The penalty that enters the loss is
-still the reference formula, λ_l · (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): the new form equals it with λ = λ_l.
+strength that meets the target, found for this layer, loss and optimizer, within 1e-6..1e2 times the starting
+λ. The penalty that enters the loss is still the reference formula, λ_l · (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): the new
+form equals it with λ = λ_l.
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ from torch import Tensor
 # short runs still reach their target, while one noisy step cannot move it by more than that factor.
 HEAD_SHARE_GAIN = 0.2
 _LOG_RATIO_CLAMP = 2.0
-# λ stays in this range: the floor keeps log λ finite when the head is unused, the ceiling keeps the penalty's
-# gradient finite when a layer cannot meet its target.
-STRENGTH_RANGE = (1e-8, 1e8)
+# λ_l stays within these multiples of the starting λ (``penalty``). The floor keeps log λ finite while the head is
+# unused. The ceiling is anti-windup: some targets cannot be met — in the head frame A and B live in the layer's
+# coordinates, and Adam's per-coordinate steps put a floor under the share that no λ removes — and an
+# ever-growing λ then drowns the task gradient (with gradient clipping, every other parameter's too: measured,
+# a head-frame run with ρ = 0.002 fell below the frozen reference). Healthy runs of the demos settled at
+# λ_l ≈ 0.01–3 from a start of 1.
+STRENGTH_RANGE = (1e-6, 1e2)
 
 
 def head_share(weighted_energy: Tensor, total_energy: Tensor) -> Tensor:
@@ -42,13 +47,14 @@ def head_share(weighted_energy: Tensor, total_energy: Tensor) -> Tensor:
         total_energy.dtype).tiny), torch.zeros_like(total_energy))
 
 
-def dual_step(strength: Tensor, share: Tensor, active: Tensor, target: float) -> None:
+def dual_step(strength: Tensor, share: Tensor, active: Tensor, target: float, start: float) -> None:
     """One dual-ascent step of ``strength`` (a 0-dim tensor, updated in place) towards ``share == target``, taken
     only where ``active`` (a 0-dim bool tensor: the adapter changed since the last step and ΔW ≠ 0, since the share
-    of a zero update is undefined). Tensor ops only: no host synchronisation, and torch.compile traces it.
+    of a zero update is undefined), and kept within ``STRENGTH_RANGE`` times ``start`` (the starting λ). Tensor
+    ops only: no host synchronisation, and torch.compile traces it.
     """
     ratio = torch.log(share.clamp_min(target * math.exp(-_LOG_RATIO_CLAMP)) / target)
     step = HEAD_SHARE_GAIN * ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     step = torch.where(active, step, torch.zeros_like(step))
     low, high = STRENGTH_RANGE
-    strength.copy_((strength.log() + step.to(strength.dtype)).exp().clamp(low, high))
+    strength.copy_((strength.log() + step.to(strength.dtype)).exp().clamp(low * start, high * start))

@@ -88,6 +88,15 @@ def test_dual_step_direction_size_and_once_per_optimizer_step():
     assert low < before < high
 
 
+def test_strength_stops_growing_at_its_ceiling():
+    layer = make_layer("head", target=1e-6, penalty=0.5)  # a target no update meets
+    for _ in range(60):
+        with torch.no_grad():
+            layer.lora_B.add_(0.01)  # the optimizer changed B: one dual step per call
+        layer.spectral_penalty()
+    assert float(layer.penalty_strength) == pytest.approx(STRENGTH_RANGE[1] * 0.5, rel=1e-5)
+
+
 def test_config_validation_of_the_target():
     with pytest.raises(ValueError, match="head_share_target"):
         taillor.TailLoRConfig(head_share_target=1.5)
