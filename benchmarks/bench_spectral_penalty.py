@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import median, penalty_functions, penalty_step
+from taillor.bench.measurement import penalty_step
+from taillor.bench.methods import penalty_functions
+from taillor.bench.metrics import median
 
 from .registry import penalty_params, rounds
 

@@ -1,9 +1,9 @@
 """The benchmark registry, seen from the pytest-benchmark suites.
 
-The shapes and cases live in :mod:`taillor.bench` (one place), because ``taillor bench`` has to work from an
+The shapes and cases live in :mod:`taillor.bench.shapes` (one place), because ``taillor bench`` has to work from an
 installed package, where this folder does not exist. This module turns them into pytest parameters: CPU cases always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under
 ``TAILLOR_BENCH_FAST=1`` (or ``pytest benchmarks --bench-fast``) every case is a toy one run once (CI).
-``TAILLOR_BENCH_QUICK=1`` keeps the acceptance shapes only. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers of the 1B shapes on the CPU (slow).
+``TAILLOR_BENCH_QUICK=1`` keeps the speed-target cases only. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers of the 1B shapes on the CPU (slow).
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import os
 import pytest
 import torch
 
-from taillor.bench import METHODS, SVD_METHODS, adapter_shapes, frames_models, penalty_cases, rounds_for, svd_cases
+from taillor.bench.methods import METHODS, SVD_METHODS
+from taillor.bench.shapes import (adapter_shapes, frames_models, penalty_cases, projection_cases, rounds_for,
+                                  svd_cases)
 
 PHASES = ("fwd", "bwd", "fwd+bwd")
 
@@ -22,7 +24,7 @@ def devices() -> list[str]:
 
 
 def quick_mode() -> bool:
-    """``TAILLOR_BENCH_QUICK=1``: the acceptance shapes only (gpu_check.sh uses it to fit its time budget)."""
+    """``TAILLOR_BENCH_QUICK=1``: the speed-target cases only (gpu_check.sh uses it to fit its time budget)."""
     return os.environ.get("TAILLOR_BENCH_QUICK", "0") not in ("", "0")
 
 
@@ -61,6 +63,13 @@ def penalty_params() -> list:
     return [pytest.param(case, device, method, marks=_marks(device),
                          id=f"{device}-{case.name.replace(' ', '_')}-{method}")
             for device in devices() for case in penalty_cases(device, quick_mode()) for method in ("gram", "naive")]
+
+
+def projection_params() -> list:
+    return [pytest.param(case, device, method, marks=_marks(device),
+                         id=f"{device}-{case.name.replace(' ', '_')}-{method}")
+            for device in devices() for case in projection_cases(device, quick_mode())
+            for method in ("taillor", "matmul")]
 
 
 def frames_params() -> list:

@@ -36,9 +36,11 @@ def test_benchmark_suites_run_once(tmp_path):
     full_names = [b["fullname"] for b in data["benchmarks"]]
     assert len(full_names) == len(set(full_names)), "a benchmark ran twice"
     names = {b["name"].split("[")[0] for b in data["benchmarks"]}
-    assert names == {"test_tail_adapter", "test_randomized_svd", "test_spectral_penalty", "test_build_frames"}
-    ratio_keys = {"test_tail_adapter": "ratio_to_floor", "test_randomized_svd": "ratio_to_svd_lowrank",
-                  "test_spectral_penalty": "ratio_to_gram", "test_build_frames": "speedup_vs_svd_lowrank"}
+    assert names == {"test_tail_adapter", "test_spectral_projection", "test_randomized_svd", "test_spectral_penalty",
+                     "test_build_frames"}
+    ratio_keys = {"test_tail_adapter": "ratio_to_floor", "test_spectral_projection": "ratio_to_matmul",
+                  "test_randomized_svd": "ratio_to_svd_lowrank", "test_spectral_penalty": "ratio_to_gram",
+                  "test_build_frames": "speedup_vs_svd_lowrank"}
     methods = set()
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
@@ -138,9 +140,9 @@ def test_gpu_check_report_writes_no_figure_it_did_not_measure(tmp_path):
 
 def test_gpu_check_report_fails_a_speed_goal_on_mismatched_outputs(tmp_path):
     """Synthetic stage outputs (not measurements): a FAILED output check fails the row's goals whatever its time."""
-    from taillor.bench import GPU_ACCEPTANCE
-    shape = {"tokens": GPU_ACCEPTANCE.tokens, "d_in": GPU_ACCEPTANCE.d_in, "d_out": GPU_ACCEPTANCE.d_out,
-             "rank": GPU_ACCEPTANCE.rank, "dtype": GPU_ACCEPTANCE.dtype, "shape": GPU_ACCEPTANCE.name}
+    from taillor.bench import GPU_SPEED_TARGET
+    shape = {"tokens": GPU_SPEED_TARGET.tokens, "d_in": GPU_SPEED_TARGET.d_in, "d_out": GPU_SPEED_TARGET.d_out,
+             "rank": GPU_SPEED_TARGET.rank, "dtype": GPU_SPEED_TARGET.dtype, "shape": GPU_SPEED_TARGET.name}
     row = {"suite": "adapter", **shape, "label": "x", "fwd_ms": 1.0, "bwd_ms": 1.0, "fwd_bwd_ms": 2.0,
            "ratio_fwd": 1.0, "ratio_bwd": 1.0, "ratio_fwd_bwd": 1.05, "ratio_to_peft": 0.9, "peak_mb": 1.0}
     rows = [{**row, "method": "taillor-fused", "check": "FAILED: y differs from eager by 5.00e-01 > 6e-02"},
@@ -160,6 +162,6 @@ def test_gpu_check_report_fails_a_speed_goal_on_mismatched_outputs(tmp_path):
 
 def test_match_tolerance_is_twice_the_suite_tolerance():
     from conftest import TOLERANCE
-    from taillor.bench import MATCH_TOLERANCE
+    from taillor.bench.methods import MATCH_TOLERANCE
     for dtype, tol in MATCH_TOLERANCE.items():
         assert tol == pytest.approx(2 * TOLERANCE[dtype])
