@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench.methods import SVD_METHODS, spectrum_matrix, svd_functions
+from taillor.bench.spectral_methods import SVD_METHODS, spectrum_matrix, svd_functions
 from taillor.bench.metrics import max_principal_angle, median, sigma_rel_error, time_call
 
 from .registry import rounds, svd_params

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from taillor.bench.measurement import penalty_step
-from taillor.bench.methods import penalty_functions
+from taillor.bench.spectral_methods import penalty_functions
 from taillor.bench.metrics import median
 
 from .registry import penalty_params, rounds

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench.methods import projection_functions
+from taillor.bench.spectral_methods import projection_functions
 from taillor.bench.metrics import median, time_call
 
 from .registry import projection_params, rounds

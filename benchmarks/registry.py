@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from taillor.bench.methods import METHODS, SVD_METHODS
+from taillor.bench.methods import METHODS
+from taillor.bench.spectral_methods import SVD_METHODS
 from taillor.bench.shapes import (adapter_shapes, frames_models, penalty_cases, projection_cases, rounds_for,
                                   svd_cases)
 

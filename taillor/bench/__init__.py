@@ -5,8 +5,10 @@ It lives in the installed package, not in ``benchmarks/``, because ``taillor ben
 wheel, where ``benchmarks/`` does not exist. One job per module:
 
 * :mod:`.shapes`: what is measured (the registry of shapes and cases, the speed targets, round counts);
-* :mod:`.methods`: what is compared (the adapter methods and their output check, the SVDs, the penalty forms,
-  the frame builders);
+* :mod:`.methods`: what the adapter suite compares (nn.Linear, PEFT LoRA, TailLoRLinear per backend, ...) and
+  the check of their outputs against eager TailLoRLinear;
+* :mod:`.spectral_methods`: what the other suites compare (the SVDs, projection and penalty forms, frame
+  builders);
 * :mod:`.metrics`: the instruments (synchronized clock, saved memory, σ and subspace errors, median);
 * :mod:`.measurement`: the interleaved measurement of one case, as table rows;
 * :mod:`.tables`: rows as text and markdown tables, and the targets they decide;
@@ -14,10 +16,10 @@ wheel, where ``benchmarks/`` does not exist. One job per module:
 """
 from .command import SUITES, main
 from .measurement import measure_adapter, measure_frames, measure_penalty, measure_svd
-from .methods import (CHECKED_METHODS, METHOD_LABELS, METHODS, SVD_METHODS, AdapterMethod, FramesBench,
-                      build_adapter_methods, check_outputs)
+from .methods import CHECKED_METHODS, METHOD_LABELS, METHODS, AdapterMethod, build_adapter_methods, check_outputs
 from .shapes import (CPU_SPEED_TARGET, GPU_SPEED_TARGET, AdapterShape, FramesModel, PenaltyCase, SvdCase,
                      adapter_shapes, fast_mode, frames_models, penalty_cases, rounds_for, svd_cases)
+from .spectral_methods import SVD_METHODS, FramesBench
 from .tables import format_markdown, format_text, target_checks
 
 __all__ = [

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from ..frame import clear_frame_cache
-from .methods import (METHOD_LABELS, METHODS, SVD_LABELS, FramesBench, build_adapter_methods, check_outputs,
-                      penalty_functions, spectrum_matrix, svd_functions)
+from .methods import METHOD_LABELS, METHODS, build_adapter_methods, check_outputs
 from .metrics import max_principal_angle, median, sigma_rel_error, sync, time_call
 from .shapes import AdapterShape, FramesModel, PenaltyCase, SvdCase
+from .spectral_methods import SVD_LABELS, FramesBench, penalty_functions, spectrum_matrix, svd_functions
 
 
 def measure_adapter(shape: AdapterShape, device: torch.device, methods: Iterable[str] = METHODS,
