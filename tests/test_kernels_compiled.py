@@ -78,8 +78,8 @@ def test_token_reductions_split_k(split, dtype):
     dy, S, Q = (torch.randn(*sh, generator=g).to(CUDA, dtype) for sh in ((T, d), (T, r), (d, r)))
     G = torch.empty(T, r, device=CUDA, dtype=dtype)
     dQ = torch.empty(d, r, device=CUDA, dtype=dtype)
-    Term = K.spectral_projection.Term
-    K.spectral_projection.launch_pair(G, [Term(dy, Q)], 1.0, dQ, [Term(dy.t(), S)], 0.5, split_k=split)
+    Term = K.pair_gemm.Term
+    K.pair_gemm.launch_pair(G, [Term(dy, Q)], 1.0, dQ, [Term(dy.t(), S)], 0.5, split_k=split)
     dy64, S64, Q64 = (t.double().cpu() for t in (dy, S, Q))
     assert_close("G", G, dy @ Q, dy64 @ Q64, dtype)
     assert_close("dQ", dQ, 0.5 * (dy.t() @ S), 0.5 * dy64.t() @ S64, dtype)

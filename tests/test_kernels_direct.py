@@ -163,14 +163,14 @@ def test_pair_split_k_matches_oracle(split):
     T, d, r = 203, 40, 3
     dy, S, Q = (torch.randn(*sh, generator=g) for sh in ((T, d), (T, r), (d, r)))
     G, dQ = torch.empty(T, r), torch.empty(d, r)
-    Term = K.spectral_projection.Term
-    K.spectral_projection.launch_pair(G, [Term(dy, Q)], 1.0, dQ, [Term(dy.t(), S)], 0.5, split_k=split)
+    Term = K.pair_gemm.Term
+    K.pair_gemm.launch_pair(G, [Term(dy, Q)], 1.0, dQ, [Term(dy.t(), S)], 0.5, split_k=split)
     assert_close("G", G, dy @ Q, dy.double() @ Q.double(), torch.float32)
     assert_close("dQ", dQ, 0.5 * dy.t() @ S, 0.5 * dy.double().t() @ S.double(), torch.float32)
 
 
 def test_split_count_fills_the_sms_only_when_the_grid_is_small():
-    split_count = K.spectral_projection.split_count
+    split_count = launch.split_count
     assert split_count(64, 8192, 132) == 2 and split_count(16, 8192, 132) == 8
     assert split_count(200, 8192, 132) == 1        # the grid already covers the SMs
     assert split_count(64, 1000, 132) == 1         # chunks would be too short
@@ -219,9 +219,9 @@ def test_two_token_counts_in_one_bucket_reuse_one_tuning_entry(monkeypatch):
 
 def test_gemm_configs_include_hopper_tiles():
     sizes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-             for c in K.tail_adapter.gemm_configs(torch.bfloat16)}
+             for c in launch.gemm_configs(torch.bfloat16)}
     assert (128, 256, 64, 8) in sizes
-    assert all(c.kwargs["BLOCK_N"] <= 128 for c in K.tail_adapter.gemm_configs(torch.float32))
+    assert all(c.kwargs["BLOCK_N"] <= 128 for c in launch.gemm_configs(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_spectral_penalty_rejects_bad_inputs():
 
 def _kernel_names():
     names = set()
-    for module in (K.tail_adapter, K.spectral_projection, K.spectral_penalty):
+    for module in (K.tail_adapter, K.pair_gemm, K.spectral_projection, K.spectral_penalty):
         names |= {n for n, obj in vars(module).items() if n.endswith("_kernel") and hasattr(obj, "fn")}
     return names
 
