@@ -164,4 +164,4 @@ def test_match_tolerance_is_twice_the_suite_tolerance():
     from conftest import TOLERANCE
     from taillor.bench.methods import MATCH_TOLERANCE
     for dtype, tol in MATCH_TOLERANCE.items():
-        assert tol == pytest.approx(2 * TOLERANCE[dtype])
+        assert tol == pytest.approx(2 * TOLERANCE["oracle"][dtype])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_matches_oracle
+from conftest import assert_close, assert_matches_oracle
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -85,21 +85,21 @@ def test_consolidate_save_load_reproduces_after_two_tasks(tmp_path, frame):
         train_steps(model, seed=task)
         before = outputs(model)
         taillor.consolidate(model)
-        torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=1e-5)
+        assert_close(outputs(model), before, "reordered", "consolidate")
     train_steps(model, seed=5)
     trained = outputs(model)
     taillor.save_adapter(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = taillor.load_adapter(tiny_bert(), str(tmp_path))
-    torch.testing.assert_close(outputs(loaded), trained, atol=1e-4, rtol=0)
+    assert_close(outputs(loaded), trained, "reloaded", "outputs after load")
     for (_, a), (_, b) in zip(taillor.iter_taillor_layers(model), taillor.iter_taillor_layers(loaded)):
         assert b.tasks_consolidated == 2
         assert torch.equal(a.base_layer.weight, b.base_layer.weight)  # replayed folds are bit-exact
-        torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-5, rtol=0)
+        assert_close(a.lora_A, b.lora_A, "reloaded factors", "lora_A")
     # Training continues from the loaded adapter exactly as from the original.
     train_steps(model, steps=1, seed=7)
     train_steps(loaded, steps=1, seed=7)
-    torch.testing.assert_close(outputs(loaded), outputs(model), atol=1e-4, rtol=0)
+    assert_close(outputs(loaded), outputs(model), "reloaded", "a step after load")
 
 
 def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
@@ -112,7 +112,7 @@ def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
     served = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
-    torch.testing.assert_close(outputs(served), expected, atol=1e-4, rtol=0)
+    assert_close(outputs(served), expected, "reloaded", "PEFT")
 
 
 def test_merge_and_unload_leaves_plain_linears_with_same_outputs():
@@ -123,7 +123,7 @@ def test_merge_and_unload_leaves_plain_linears_with_same_outputs():
     assert not list(taillor.iter_taillor_layers(plain))
     assert all(type(m) is not taillor.TailLoRLinear for m in plain.modules())
     assert isinstance(plain.encoder.layer[0].attention.self.query, nn.Linear)
-    torch.testing.assert_close(outputs(plain), expected, atol=1e-5, rtol=1e-5)
+    assert_close(outputs(plain), expected, "reordered", "merge_and_unload")
 
 
 def test_merge_unmerge_round_trip_on_a_layer():
@@ -136,16 +136,16 @@ def test_merge_unmerge_round_trip_on_a_layer():
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge()
     assert layer.merged
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert_close(layer(x), y, "reordered", "merged")
     layer.merge()  # idempotent
     layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert_close(layer.base_layer.weight, w0, "weight round trip", "unmerged weight")
+    assert_close(layer(x), y, "reordered", "unmerged")
     layer.merge()
     layer.consolidate()
     assert not layer.merged and layer.tasks_consolidated == 1 and torch.count_nonzero(layer.lora_B) == 0
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.pretrained_weight(), w0, atol=1e-6, rtol=0)
+    assert_close(layer(x), y, "reordered", "consolidated")
+    assert_close(layer.pretrained_weight(), w0, "weight round trip", "pretrained weight")
     assert_matches_oracle(layer.learned_delta(), (layer.base_layer.weight - w0).double(), torch.float32)
 
 
@@ -234,7 +234,7 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
     with torch.no_grad():
         got = compiled(**bert_inputs()).last_hidden_state
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_close(got, expected, "reordered", "compiled")
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

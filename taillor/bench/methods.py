@@ -116,7 +116,7 @@ class AdapterMethod:
 
 
 # Every timed TailLoR output is compared with the eager TailLoRLinear's in the same run. Both are within the test
-# suite's oracle tolerance (tests/conftest.py TOLERANCE, normalized max error) of the float64 result, so they may
+# suite's oracle tolerance (tests/conftest.py TOLERANCE["oracle"], normalized max error) of the float64 result, so they may
 # differ by twice that; tests/test_benchmarks_smoke.py keeps this table equal to 2 x the suite's.
 MATCH_TOLERANCE = {torch.float32: 4e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
 CHECKED_METHODS = ("taillor-fused", "taillor-split", "taillor-compile", "naive-xv")
