@@ -1,21 +1,21 @@
 """The benchmark registry, seen from the pytest-benchmark suites.
 
 The shapes and cases live in :mod:`taillor.bench.shapes` (one place), because ``taillor bench`` has to work from an
-installed package, where this folder does not exist. This module turns them into pytest parameters: CPU cases always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under
-``TAILLOR_BENCH_FAST=1`` (or ``pytest benchmarks --bench-fast``) every case is a toy one run once (CI).
-``TAILLOR_BENCH_QUICK=1`` keeps the speed-target cases only. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers of the 1B shapes on the CPU (slow).
+installed package, where this folder does not exist. This module turns them into pytest parameters: CPU cases
+always, CUDA cases (marked ``gpu``) only when torch sees a CUDA device. Under ``TAILLOR_BENCH_FAST=1`` (or
+``pytest benchmarks --bench-fast``) every case is a toy one run once (CI). ``TAILLOR_BENCH_QUICK=1`` keeps the
+speed-target cases only, with fewer rounds on CUDA. ``TAILLOR_BENCH_FULL=1`` runs the frames suite on all 16 layers
+of the 1B shapes on the CPU (slow). Each switch is off when unset or "0", "false", "no", "off".
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from taillor.bench.methods import METHODS
 from taillor.bench.spectral_methods import SVD_METHODS
-from taillor.bench.shapes import (adapter_shapes, frames_models, penalty_cases, projection_cases, rounds_for,
-                                  svd_cases)
+from taillor.bench.shapes import (adapter_shapes, frames_models, full_mode, penalty_cases, projection_cases,
+                                  quick_mode, rounds_for, svd_cases)
 
 PHASES = ("fwd", "bwd", "fwd+bwd")
 
@@ -24,22 +24,14 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def quick_mode() -> bool:
-    """``TAILLOR_BENCH_QUICK=1``: the speed-target cases only (gpu_check.sh uses it to fit its time budget)."""
-    return os.environ.get("TAILLOR_BENCH_QUICK", "0") not in ("", "0")
-
-
-def full_mode() -> bool:
-    return os.environ.get("TAILLOR_BENCH_FULL", "0") not in ("", "0")
-
-
 def _marks(device: str):
     return [pytest.mark.gpu] if device == "cuda" else []
 
 
 def rounds(device: str) -> tuple[int, int]:
-    """(warm-up, rounds) for one benchmark; TAILLOR_BENCH_ROUNDS overrides rounds."""
-    return rounds_for(device, quick=False)
+    """(warm-up, rounds) for one benchmark (fewer under TAILLOR_BENCH_QUICK); TAILLOR_BENCH_ROUNDS overrides
+    rounds."""
+    return rounds_for(device, quick_mode())
 
 
 def adapter_params() -> list:

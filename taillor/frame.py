@@ -36,6 +36,13 @@ def head_svd_settings(h: int, config: TailLoRConfig) -> tuple[int, int]:
     return oversample, niter
 
 
+def head_uses_exact_svd(h: int, m: int, config: TailLoRConfig) -> bool:
+    """Whether the head frame (size h) of a weight with m = min(d_out, d_in) comes from the exact SVD: when the
+    randomized sketch (h + oversample columns) would reach EXACT_SVD_SHARE of m anyway."""
+    oversample, _ = head_svd_settings(h, config)
+    return h + oversample >= EXACT_SVD_SHARE * m
+
+
 def head_from_count(config: TailLoRConfig, m: int, where: str) -> int:
     """h from ``config.head`` (an int count or a float fraction of m); ValueError unless 1 <= h < m."""
     head = config.head
@@ -153,10 +160,10 @@ def _decompose(weights: Tensor, h: int, config: TailLoRConfig) -> tuple[Tensor, 
     m = min(weights.shape[-2:])
     if config.frame == "full":
         return _exact_svd(weights)
-    oversample, niter = head_svd_settings(h, config)
-    if h + oversample >= EXACT_SVD_SHARE * m:
+    if head_uses_exact_svd(h, m, config):
         U, S, V = _exact_svd(weights)
         return U[..., :h], S[..., :h], V[..., :h]
+    oversample, niter = head_svd_settings(h, config)
     U, S, V = randomized_svd(weights, h, niter=niter, oversample=oversample, seed=config.seed)
     dtype = _frame_dtype(weights)
     return U.to(dtype), S.to(dtype), V.to(dtype)

@@ -1,6 +1,7 @@
 """What the benchmarks measure: every shape and case of ``taillor bench`` and of the pytest-benchmark suites in
 ``benchmarks/`` (one registry; ``benchmarks/registry.py`` turns it into pytest parameters), the speed-target
-shapes, the round counts, and the environment switches ``TAILLOR_BENCH_FAST`` and ``TAILLOR_BENCH_ROUNDS``.
+shapes, the round counts, and the environment switches (``TAILLOR_BENCH_FAST`` / ``_QUICK`` / ``_FULL``, parsed
+by :func:`env_flag`, and ``TAILLOR_BENCH_ROUNDS``).
 """
 from __future__ import annotations
 
@@ -10,9 +11,25 @@ from dataclasses import dataclass
 import torch
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: off when unset or one of "", "0", "false", "no", "off" (any case)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def fast_mode() -> bool:
-    """True under ``TAILLOR_BENCH_FAST=1``: toy shapes, one round (CI)."""
-    return os.environ.get("TAILLOR_BENCH_FAST", "0").strip().lower() not in ("", "0", "false", "no")
+    """``TAILLOR_BENCH_FAST=1``: toy shapes, one round (CI; the numbers mean nothing)."""
+    return env_flag("TAILLOR_BENCH_FAST")
+
+
+def quick_mode() -> bool:
+    """``TAILLOR_BENCH_QUICK=1``: the speed-target cases only, fewer rounds on CUDA (gpu_check.sh fits its budget
+    with it)."""
+    return env_flag("TAILLOR_BENCH_QUICK")
+
+
+def full_mode() -> bool:
+    """``TAILLOR_BENCH_FULL=1``: the frames suite on all 16 layers of the 1B shapes on the CPU (slow)."""
+    return env_flag("TAILLOR_BENCH_FULL")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import TailLoRConfig
-from ..frame import EXACT_SVD_SHARE, build_frames, clear_frame_cache, head_svd_settings
+from ..frame import build_frames, clear_frame_cache, head_svd_settings, head_uses_exact_svd
 from ..functional import randomized_svd, spectral_penalty, spectral_projection
 from .metrics import max_principal_angle, sigma_rel_error
 from .shapes import FramesModel, PenaltyCase, ProjectionCase, SvdCase
@@ -145,7 +145,7 @@ class FramesBench:
         self.layer0 = {name: W for name, W in self.weights.items() if name.startswith("layers.0.")}
         self.oversample, self.niter = head_svd_settings(model.head, self.config)
         self.n_exact = sum(1 for W in self.weights.values()
-                           if model.head + self.oversample >= EXACT_SVD_SHARE * min(W.shape))
+                           if head_uses_exact_svd(model.head, min(W.shape), self.config))
 
     def ours(self) -> dict:
         clear_frame_cache()  # every call computes every frame (no cache hits across rounds)
