@@ -120,3 +120,13 @@ def test_non_finite_and_bad_shapes(device):
         taillor.randomized_svd(torch.randn(10, device=device), 2)
     with pytest.raises(TypeError, match="floating"):
         taillor.randomized_svd(torch.ones(4, 4, dtype=torch.int64, device=device), 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_finite_input_whose_sketch_overflows_is_not_called_non_finite(device):
+    """Every entry finite, but A Ω overflows float32: the error says so (and how to avoid it), not "NaN or Inf"."""
+    A = torch.full((16, 16), 3e38)
+    assert bool(torch.isfinite(A).all())
+    with pytest.raises(ValueError, match="finite, but its random sketch overflowed") as info:
+        taillor.randomized_svd(A.to(device), 2)
+    assert "NaN" not in str(info.value) and "scale the matrix down" in str(info.value)
