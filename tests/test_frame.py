@@ -1,4 +1,5 @@
-"""Frames: exactness (full), accuracy contract of head frames with default settings, head sizes, caching."""
+"""Frames: exactness (full), accuracy contract of head frames with default settings, head sizes, caching, and the
+frame modes (factors both ways, the penalty's frame tensors, A's initialisation)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import torch
 
 import taillor
 from conftest import TOLERANCE, assert_close
-from taillor.frame import build_frames, compute_frame, head_uses_exact_svd
+from taillor.frame import build_frames, compute_frame, frame_mode, head_uses_exact_svd
 from test_randomized_svd import SPECTRA, largest_principal_angle, matrix_with_spectrum
 
 
@@ -111,3 +112,60 @@ def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
     taillor.clear_frame_cache()
     from_disk = compute_frame(W, config, "w")
     assert len(calls) == 2 and torch.equal(from_disk.S, third.S)
+
+
+def test_frame_cache_size_is_read_when_needed(monkeypatch):
+    """TAILLOR_FRAME_CACHE_MB is read whenever the cache grows, not frozen at import: 0 keeps nothing in memory."""
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    W = torch.randn(20, 30)
+    config = taillor.TailLoRConfig(head=3)
+    taillor.clear_frame_cache()
+    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", "0")
+    compute_frame(W, config, "w")
+    compute_frame(W, config, "w")
+    assert len(calls) == 2
+    monkeypatch.delenv("TAILLOR_FRAME_CACHE_MB")
+    compute_frame(W, config, "w")
+    compute_frame(W, config, "w")
+    assert len(calls) == 3
+    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="TAILLOR_FRAME_CACHE_MB.*'lots'"):
+        compute_frame(W * 2, config, "w")
+    taillor.clear_frame_cache()
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_frame_mode_turns_factors_into_layer_factors_and_back(frame):
+    torch.manual_seed(0)
+    layer = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    mode = layer.frame_mode
+    assert mode is frame_mode(frame) and mode.name == frame
+    P, Q = mode.layer_factors(layer.lora_A, layer.lora_B, layer.frame)
+    assert P.shape == (24, 3) and Q.shape == (20, 3)
+    A, B = mode.trainable_factors(P, Q, layer.frame)
+    assert_close(A, layer.lora_A.detach(), "reordered", "A")
+    assert_close(B, layer.lora_B.detach(), "reordered", "B")
+    U, V = mode.penalty_frame(layer.frame)
+    assert (U is None and V is None) if frame == "full" else (U is layer.frame.U and V is layer.frame.V)
+    k = mode.frame_rank(20, 4)
+    assert k == (20 if frame == "full" else 4) and layer.frame.rank == k
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_tail_init_leaves_no_head_component(frame):
+    layer = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame, init="tail")
+    A = layer.lora_A.detach()
+    if frame == "full":
+        assert torch.count_nonzero(A[:, :4]) == 0 and torch.count_nonzero(A[:, 4:]) > 0
+    else:
+        assert_close(A @ layer.frame.V, torch.zeros(3, 4), "reordered", "A V_h")
+    kaiming = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame,
+                                                init="kaiming")
+    other = kaiming.lora_A.detach()
+    assert torch.count_nonzero(other[:, :4] if frame == "full" else other @ kaiming.frame.V) > 0
+    with pytest.raises(ValueError, match="unknown frame mode 'middle'"):
+        frame_mode("middle")

@@ -1,6 +1,7 @@
 """Model API on a transformers BERT built from a config: apply, train, consolidate, save/load, export, merge."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -259,3 +260,46 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     checkpointed = grads(lambda: checkpoint(model, x, use_reentrant=use_reentrant))
     for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
+
+
+def test_saved_penalty_strength_round_trips_and_is_checked(tmp_path):
+    """Each layer's adapted λ is part of its record: restored on load; an invalid value is rejected up front."""
+    model = taillor.apply_taillor(tiny_bert(), CONFIG)
+    train_steps(model)
+    strengths = {name: float(layer.penalty_strength) for name, layer in taillor.iter_taillor_layers(model)}
+    assert any(value != CONFIG.penalty for value in strengths.values())  # the dual steps moved λ
+    taillor.save_adapter(model, str(tmp_path))
+    loaded = taillor.load_adapter(tiny_bert(), str(tmp_path))
+    assert {name: float(layer.penalty_strength) for name, layer in taillor.iter_taillor_layers(loaded)} == strengths
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    document["layers"]["encoder.layer.1.attention.self.value"]["penalty_strength"] = -1.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"encoder.layer.1.attention.self.value: saved penalty_strength -1.0"):
+        taillor.load_adapter(fresh, str(tmp_path))
+    assert not list(taillor.iter_taillor_layers(fresh))
+    assert all(torch.equal(before[k], v) for k, v in snapshot(fresh).items())
+
+
+def test_layer_record_round_trip_on_one_layer():
+    """export_record / check_record / load_record without the file format: the layer's own record."""
+    from taillor.layer import check_record
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 20)
+    layer = taillor.TailLoRLinear.from_linear(copy.deepcopy(linear), rank=3, head=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.consolidate()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    tensors, meta = layer.export_record()
+    assert set(tensors) == {"lora_P", "lora_Q", "consolidated_up", "consolidated_down"}
+    fresh = taillor.TailLoRLinear.from_linear(copy.deepcopy(linear), rank=3, head=4)
+    check_record("layer", fresh.base_layer, tensors, meta, fresh.config)
+    fresh.load_record(tensors, meta)
+    x = torch.randn(5, 24)
+    assert_close(fresh(x), layer(x), "reloaded", "outputs")
+    assert torch.equal(fresh.base_layer.weight, layer.base_layer.weight)
+    with pytest.raises(ValueError, match=r"layer.lora_Q: saved shape \(20, 2\), expected \(20, 3\)"):
+        check_record("layer", fresh.base_layer, {**tensors, "lora_Q": tensors["lora_Q"][:, :2]}, meta, fresh.config)
