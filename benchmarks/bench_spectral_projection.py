@@ -13,7 +13,7 @@ import torch
 from taillor.bench.spectral_methods import projection_functions
 from taillor.bench.metrics import median, time_call
 
-from .registry import projection_params, rounds
+from .registry import paired, projection_params
 
 
 def _step(fn, params, device):
@@ -33,25 +33,8 @@ def _step(fn, params, device):
 def test_spectral_projection(benchmark, case, device, method):
     dev = torch.device(device)
     ours, matmul, params = projection_functions(case, dev)
-    fns = {"taillor": ours, "matmul": matmul}
-    other = "matmul" if method == "taillor" else "taillor"
-    warmup, n_rounds = rounds(device)
-    for _ in range(min(warmup, 1)):
-        _step(ours, params, dev)
-        _step(matmul, params, dev)
-    times = {method: [], other: []}
-    results = {}
-
-    def setup():
-        seconds, results[other] = _step(fns[other], params, dev)
-        times[other].append(seconds)
-        return (), {}
-
-    def target():
-        seconds, results[method] = _step(fns[method], params, dev)
-        times[method].append(seconds)
-
-    benchmark.pedantic(target, setup=setup, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    steps = {"taillor": lambda: _step(ours, params, dev), "matmul": lambda: _step(matmul, params, dev)}
+    times, results = paired(benchmark, steps, method, device)
     diff = max(float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
                for a, b in zip(results["taillor"], results["matmul"]))
     benchmark.group = f"spectral_projection {device} {case.name}"

@@ -68,3 +68,27 @@ def projection_params() -> list:
 def frames_params() -> list:
     return [pytest.param(model, device, marks=_marks(device), id=f"{device}-{model.name}")
             for device in devices() for model in frames_models(device, quick_mode(), full_mode())]
+
+
+def paired(benchmark, steps: dict, method: str, device: str) -> tuple[dict, dict]:
+    """Time ``steps[method]`` against the other step of the pair, interleaved round by round: the other runs in
+    pytest-benchmark's ``setup`` before every round of the timed target. Each step is a callable returning
+    (seconds, result). Returns ({name: [seconds per round]}, {name: last result})."""
+    other = next(name for name in steps if name != method)
+    warmup, n_rounds = rounds(device)
+    for _ in range(min(warmup, 1)):
+        for step in steps.values():
+            step()
+    times = {method: [], other: []}
+    results = {}
+
+    def run(name):
+        seconds, results[name] = steps[name]()
+        times[name].append(seconds)
+
+    def setup():
+        run(other)
+        return (), {}
+
+    benchmark.pedantic(lambda: run(method), setup=setup, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    return times, results
