@@ -9,7 +9,7 @@
 
 Each mode knows how to turn (A, B) into the layer factors (P, Q) and back, which frame tensors its penalty needs,
 the shapes of A and B, how to initialise A (``init="tail"``: no component on the head), and how many triplets its
-frame keeps. Nothing else in taillor compares the mode's name.
+frame keeps. The layer, the frame builder and io ask their mode object; none compares the mode's name.
 """
 from __future__ import annotations
 
