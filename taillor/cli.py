@@ -17,12 +17,21 @@ def _info(args) -> int:
     return 0
 
 
+def _demo_model(rest: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--model NAME`` (or ``--model=NAME``) out of the demo's arguments."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default=None)
+    known, others = parser.parse_known_args(rest)
+    return known.model, others
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="taillor", description="TailLoR continual fine-tuning toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices, backends, CUDA extension status")
     p_info.add_argument("--json", action="store_true", help="print JSON")
-    sub.add_parser("demo", help="continual-learning demo: TailLoR vs LoRA vs full fine-tuning", add_help=False)
+    sub.add_parser("demo", help="continual-learning demo: TailLoR vs LoRA vs full fine-tuning (--model smollm2: "
+                                "the causal-LM demo)", add_help=False)
     sub.add_parser("bench", help="benchmark TailLoRLinear against nn.Linear and PEFT LoRA", add_help=False)
     sub.add_parser("check-kernels", help="compile every Triton kernel ahead of time, no GPU needed",
                    add_help=False)
@@ -33,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _info(args)
     if args.command == "demo":
+        model, rest = _demo_model(rest)
+        if model == "smollm2":
+            from .demo.llm_cli import main as llm_demo_main
+            return llm_demo_main(rest)
+        if model not in (None, "minilm"):
+            print(f"taillor demo: unknown --model {model!r}; choose minilm (the default) or smollm2", file=sys.stderr)
+            return 2
         from .demo.run import main as demo_main
         return demo_main(rest)
     if args.command == "bench":

@@ -67,13 +67,14 @@ def test_frontier_marks_dominated_points_per_retention_axis():
 
 
 def test_frontier_grid_sweeps_every_method():
-    quick, full = frontier.frontier_points(quick=True), frontier.frontier_points(quick=False)
-    assert {p.method for p in quick} == {"frozen", "taillor-full", "taillor-head", "lora-merged", "lora-continued",
-                                         "full-ft"}
-    lora_lrs = {dict(p.overrides)["lr_lora"] for p in quick if p.method == "lora-merged"}
-    assert len(lora_lrs) >= 3  # the baseline is tuned over its learning rate
-    assert len(full) > len(quick)
-    for p in full:
+    points = frontier.frontier_points(TINY)
+    assert {p.method for p in points} == {"frozen", "taillor-full", "taillor-head", "lora-merged", "lora-continued",
+                                          "full-ft"}
+    for method in ("lora-merged", "lora-continued"):
+        assert len({dict(p.overrides)["lr_lora"] for p in points if p.method == method}) >= 3  # tuned, not fixed
+    taillor_lrs = {p.settings(TINY).lr for p in points if p.method == "taillor-full"}
+    assert len(taillor_lrs) == 3 and TINY.lr in taillor_lrs
+    for p in points:
         if p.method.startswith("taillor"):
             p.settings(TINY).taillor_config("full", 0)  # every TailLoR point is a valid config
 
@@ -92,3 +93,21 @@ def test_command_line_fixed_penalty_and_overrides():
     cfg = s.taillor_config("head", 0)
     assert cfg.head_share_target is None and cfg.penalty == 3.0 and s.lr_lora == 3e-3
     assert settings_from_args(build_parser().parse_args(["--penalty", "0"])).taillor_config("full", 0).penalty == 0
+
+
+def test_robustness_table_says_whether_the_default_lies_between_frozen_and_no_penalty():
+    points = frontier.robustness_points(TINY)
+    labels = {(p.method, p.label) for p in points}
+    assert ("frozen", "steps ×2") in labels and ("taillor-head", "λ=0, alpha ×2") in labels
+    doubled = next(p for p in points if p.method == "taillor-full" and p.label == "default, lr ×2")
+    assert doubled.settings(TINY).lr == 2 * TINY.lr
+
+    def row(method, label, plasticity, r1, cos):
+        return {"method": method, "label": label, "plasticity": (plasticity, 0), "r1_retention": (r1, 0),
+                "cosine": (cos, 0), "head_share": (0.01, 0)}
+    rows = [row("frozen", "as set", 0.0, 1.0, 1.0),
+            row("taillor-full", "default, as set", 0.04, 1.0, 0.95), row("taillor-full", "λ=0, as set", 0.05, 0.97, 0.9),
+            row("taillor-head", "default, as set", 0.0, 1.0, 0.99), row("taillor-head", "λ=0, as set", 0.05, 0.97, 0.9)]
+    lines = frontier.format_robustness(rows).splitlines()
+    assert lines[2].startswith("| full | as set") and lines[2].endswith("| yes |")
+    assert "does not learn" in lines[3]

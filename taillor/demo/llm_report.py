@@ -1,0 +1,173 @@
+"""Metrics, table and figure of the causal-LM demo (perplexity-based; the frozen base model is the reference).
+
+For one run, ``ppl[i][d]`` is the perplexity on domain d (``DOMAINS``) after training task i (``TASKS`` are the
+first two domains, English is never trained on) and ``base[d]`` the base model's. Then:
+
+* plasticity on task t      = base[t] - ppl[t][t]  (the perplexity drop on the task just learned; the frozen
+  model's is 0 by definition); ``plasticity`` = the mean over tasks of the relative drop 1 - ppl[t][t] / base[t]
+* English change             = ppl[T-1][english] / base[english] - 1  (pre-trained skill kept: 0 is all of it)
+* first-task change          = ppl[T-1][task 0] / ppl[0][task 0] - 1  (what the second task did to the first)
+* BWT, forgetting            = :func:`taillor.continual.summarize` of R[i][j] = -ln ppl[i][j] over the tasks
+  (mean log-likelihood per token, nats; negative BWT = forgetting)
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+from ..continual import summarize
+from .llm_methods import LABELS
+
+__all__ = ["DOMAINS", "TASKS", "run_metrics", "aggregate", "format_table", "format_generations",
+           "format_spectral_summary", "plot_results"]
+
+DOMAINS = ("german", "code", "english")
+TASKS = ("german", "code")
+
+
+def run_metrics(ppl: Sequence[Sequence[float]], base: Sequence[float]) -> dict:
+    """The metrics of one run from its perplexity matrix (tasks x domains) and the base perplexities."""
+    T = len(TASKS)
+    if len(ppl) != T or any(len(row) != len(DOMAINS) for row in ppl) or len(base) != len(DOMAINS):
+        raise ValueError(f"expected a {T}x{len(DOMAINS)} perplexity matrix and {len(DOMAINS)} base values")
+    english = DOMAINS.index("english")
+    summary = summarize([[-math.log(ppl[i][j]) for j in range(T)] for i in range(T)])
+    return {
+        "plasticity_per_task": [base[t] - ppl[t][t] for t in range(T)],
+        "plasticity_relative_per_task": [1 - ppl[t][t] / base[t] for t in range(T)],
+        "plasticity": statistics.fmean(1 - ppl[t][t] / base[t] for t in range(T)),
+        "english_change": ppl[-1][english] / base[english] - 1,
+        "first_task_change": ppl[-1][0] / ppl[0][0] - 1,
+        "bwt_nats": summary["bwt"],
+        "forgetting_nats": summary["forgetting"],
+        "final_mean_nll": -summary["acc"],
+    }
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict], methods: Sequence[str]) -> dict:
+    """Per method: mean and std over seeds of the perplexity matrix and of every metric."""
+    out = {}
+    for name in methods:
+        rs = [r for r in runs if r["method"] == name]
+        if not rs:
+            continue
+        T, D = len(rs[0]["ppl"]), len(DOMAINS)
+        entry = {"seeds": [r["seed"] for r in rs],
+                 "ppl": [[_mean_std([r["ppl"][i][d] for r in rs]) for d in range(D)] for i in range(T)],
+                 "trainable_params": rs[0]["trainable_params"]}
+        for key in rs[0]["metrics"]:
+            if isinstance(rs[0]["metrics"][key], list):
+                entry[key] = [_mean_std([r["metrics"][key][t] for r in rs]) for t in range(T)]
+            else:
+                entry[key] = _mean_std([r["metrics"][key] for r in rs])
+        speeds = [r["tokens_per_second"] for r in rs if r.get("tokens_per_second")]
+        entry["tokens_per_second"] = _mean_std(speeds) if speeds else None
+        entry["wall_seconds"] = _mean_std([r["wall_seconds"] for r in rs])
+        out[name] = entry
+    return out
+
+
+def _fmt(pair, spec: str) -> str:
+    mean, std = pair
+    return f"{mean:{spec}}" if std == 0 else f"{mean:{spec}}±{std:{spec.lstrip('+')}}"
+
+
+def format_table(agg: dict, base: Sequence[float]) -> str:
+    """Two plain-text tables: the perplexity matrix per method, then plasticity / retention / BWT."""
+    stages = "after " + " → after ".join(TASKS)
+    lines = [f"Perplexity (base → {stages}); lower is better", ""]
+    head = f"{'method':<22}" + "".join(f" {d:>26}" for d in DOMAINS)
+    lines += [head, "-" * len(head)]
+    for name, e in agg.items():
+        cells = []
+        for d in range(len(DOMAINS)):
+            cells.append("→".join([f"{base[d]:.1f}"] + [f"{e['ppl'][i][d][0]:.1f}" for i in range(len(TASKS))]))
+        lines.append(f"{LABELS.get(name, name):<22}" + "".join(f" {c:>26}" for c in cells))
+    lines += ["", "plasticity = ppl drop on the task just learned (frozen: 0); English / first-task change = ppl "
+                  "change after the last task (0 = all kept); BWT in nats/token over the tasks (negative = forgetting)",
+              ""]
+    head = (f"{'method':<22} {'plast. de':>12} {'plast. code':>12} {'plast. rel':>11} {'English Δ':>12} "
+            f"{'de Δ by code':>13} {'BWT nats':>13} {'trainable':>11} {'tok/s':>7} {'time s':>7}")
+    lines += [head, "-" * len(head)]
+    for name, e in agg.items():
+        tps = "-" if e["tokens_per_second"] is None else f"{e['tokens_per_second'][0]:.0f}"
+        lines.append(
+            f"{LABELS.get(name, name):<22} {_fmt(e['plasticity_per_task'][0], '+.1f'):>12} "
+            f"{_fmt(e['plasticity_per_task'][1], '+.2f'):>12} {_fmt(e['plasticity'], '+.1%'):>11} "
+            f"{_fmt(e['english_change'], '+.1%'):>12} {_fmt(e['first_task_change'], '+.1%'):>13} "
+            f"{_fmt(e['bwt_nats'], '+.3f'):>13} {e['trainable_params']:>11,} {tps:>7} "
+            f"{e['wall_seconds'][0]:>7.0f}")
+    return "\n".join(lines)
+
+
+def format_generations(runs: list[dict], methods: Sequence[str]) -> str:
+    """The greedy continuations after each task of each method's first run."""
+    lines = []
+    for name in methods:
+        run = next((r for r in runs if r["method"] == name), None)
+        if run is None:
+            continue
+        lines.append(f"{LABELS.get(name, name)} (seed {run['seed']}) greedy continuations after each task:")
+        for task, generations in zip(TASKS, run["generations"]):
+            lines += [f"  after {task:<6} {k:<7} {text!r}" for k, text in generations.items()]
+    return "\n".join(lines)
+
+
+def format_spectral_summary(spectral: dict) -> str:
+    """Per method, the mean over its reported layers of the head shares and |ΔW|/|W|; then TailLoR's per-layer
+    table."""
+    from ..report import format_spectral_report
+
+    lines = ["Spectral report, mean over the reported layers (share of ||ΔW||² in the top-h singular directions):"]
+    for name, rows in spectral.items():
+        n = len(rows)
+        lines.append(f"  {LABELS.get(name, name):<22} head share L "
+                     f"{100 * sum(r.head_share_left for r in rows) / n:5.2f}%  R "
+                     f"{100 * sum(r.head_share_right for r in rows) / n:5.2f}%  (uniform "
+                     f"{100 * rows[0].uniform_share:.2f}%)  |ΔW|/|W| {sum(r.relative_delta for r in rows) / n:.4f}")
+    if "taillor-full" in spectral:
+        lines += ["", "TailLoR (full frame) per layer:", format_spectral_report(spectral["taillor-full"])]
+    return "\n".join(lines)
+
+
+def plot_results(agg: dict, base: Sequence[float], path: str, title: str) -> str:
+    """PNG: perplexity per domain across the stages, one line per method, and English change vs plasticity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = ["base"] + [f"after {t}" for t in TASKS]
+    fig, axes = plt.subplots(1, len(DOMAINS) + 1, figsize=(4.2 * (len(DOMAINS) + 1), 4.2))
+    for d, domain in enumerate(DOMAINS):
+        ax = axes[d]
+        for name, e in agg.items():
+            mean = [base[d]] + [e["ppl"][i][d][0] for i in range(len(TASKS))]
+            std = [0.0] + [e["ppl"][i][d][1] for i in range(len(TASKS))]
+            ax.errorbar(range(len(stages)), mean, yerr=std, marker="o", ms=3, capsize=2,
+                        label=LABELS.get(name, name), ls="--" if name == "frozen" else "-")
+        ax.set_xticks(range(len(stages)), stages, fontsize=8)
+        ax.set_title(f"{domain} perplexity" + (" (never trained on)" if domain not in TASKS else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    for name, e in agg.items():
+        ax.errorbar(100 * e["plasticity"][0], 100 * e["english_change"][0], xerr=100 * e["plasticity"][1],
+                    yerr=100 * e["english_change"][1], marker="o", capsize=2, label=LABELS.get(name, name))
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlabel("plasticity: mean ppl drop on the task just learned (%)", fontsize=8)
+    ax.set_ylabel("English ppl change after both tasks (%)", fontsize=8)
+    ax.set_title("retention vs plasticity (right and low is better)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

