@@ -1,8 +1,8 @@
 """taillor.build_frames (head mode, h = 256) over every target layer of a Llama-shaped model, against a loop of
 torch.svd_lowrank with the same sketch per matrix and torch.linalg.svd on one layer (scaled to all layers).
 
-Weights: random, singular values σ_i = (1 + i)^-0.5 (see taillor.bench.model_weights). CPU: one layer of the
-Llama-3.2-1B shapes (all 16 with TAILLOR_BENCH_FULL=1); CUDA: Llama-2-7B shapes (224 matrices). build_frames is
+Weights: random, singular values σ_i = (1 + i)^-0.5 (see taillor.bench.spectral_methods.model_weights). CPU: one
+layer of the Llama-3.2-1B shapes (all 16 with TAILLOR_BENCH_FULL=1); CUDA: Llama-2-7B shapes (224 matrices). build_frames is
 the timed target; the loop of svd_lowrank and the exact SVD are timed once per round next to it, and
 ``extra_info`` holds the speed-ups and the σ / subspace errors on layer 0 against the exact SVD.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import FramesBench, time_call, median
+from taillor.bench.spectral_methods import FramesBench
+from taillor.bench.metrics import median, time_call
 
 from .registry import frames_params
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import SVD_METHODS, max_principal_angle, sigma_rel_error, time_call, median, spectrum_matrix, \
-    svd_functions
+from taillor.bench.spectral_methods import SVD_METHODS, spectrum_matrix, svd_functions
+from taillor.bench.metrics import max_principal_angle, median, sigma_rel_error, time_call
 
 from .registry import rounds, svd_params
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import median, penalty_functions, penalty_step
+from taillor.bench.measurement import penalty_step
+from taillor.bench.spectral_methods import penalty_functions
+from taillor.bench.metrics import median
 
-from .registry import penalty_params, rounds
+from .registry import paired, penalty_params
 
 
 def _step(fn, params, device):
@@ -22,25 +24,8 @@ def _step(fn, params, device):
 def test_spectral_penalty(benchmark, case, device, method):
     dev = torch.device(device)
     gram, naive, params = penalty_functions(case, dev)
-    fns = {"gram": gram, "naive": naive}
-    other = "naive" if method == "gram" else "gram"
-    warmup, n_rounds = rounds(device)
-    for _ in range(min(warmup, 1)):
-        _step(gram, params, dev)
-        _step(naive, params, dev)
-    times = {method: [], other: []}
-    values = {}
-
-    def setup():
-        seconds, values[other] = _step(fns[other], params, dev)
-        times[other].append(seconds)
-        return (), {}
-
-    def target():
-        seconds, values[method] = _step(fns[method], params, dev)
-        times[method].append(seconds)
-
-    benchmark.pedantic(target, setup=setup, rounds=n_rounds, warmup_rounds=0, iterations=1)
+    steps = {"gram": lambda: _step(gram, params, dev), "naive": lambda: _step(naive, params, dev)}
+    times, values = paired(benchmark, steps, method, device)
     benchmark.group = f"spectral_penalty {device} {case.name}"
     benchmark.extra_info.update(
         case=case.name, device=device, method=method, rounds=len(times[method]),

@@ -5,7 +5,7 @@ For each shape of the registry, in the same run: nn.Linear, PEFT LoRA at the sam
 TailLoRLinear Triton (CUDA: fused and split routes), torch.compile of the eager layer and the naive frame adapter
 (x·V); forward, backward and both. Every TailLoR method's outputs and gradients are first compared with the eager
 TailLoRLinear's (``extra_info["check"]``); a mismatch fails the benchmark. The floor runs in pytest-benchmark's ``setup`` before every round of the method (interleaved),
-timed by us, and so does PEFT for the TailLoR methods (the peer of issue 2's "faster than PEFT"); ``extra_info``
+timed by us, and so does PEFT for the TailLoR methods (the peer of the "faster than PEFT" speed target); ``extra_info``
 holds the medians of the per-round ratios to them (``ratio_to_floor``, ``ratio_to_peft``) and the peak memory.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taillor.bench import CHECKED_METHODS, build_adapter_methods, check_outputs, median
+from taillor.bench.methods import CHECKED_METHODS, build_adapter_methods, check_outputs
+from taillor.bench.metrics import median
 
 from .registry import adapter_params, rounds
 

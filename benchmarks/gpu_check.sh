@@ -12,12 +12,14 @@
 #   ext_build    starts in the background right after the install: builds taillor._C for this GPU's arch on idle
 #                cores (nice, MAX_JOBS=4) while the GPU stages run; ext_wait waits for it before ext_tests
 #   info         taillor info --json
-#   tests        compiled-correctness tests: pytest -m gpu tests/test_kernels_compiled.py
+#   tests        compiled-correctness tests: pytest -m gpu on the op-stem test files of the Triton kernels
+#                (test_tail_adapter, test_spectral_projection, test_spectral_penalty) and test_kernel_launch
 #   speed        the speed-target shape (bf16, 8192 tokens, 4096x4096, r=16): nn.Linear, PEFT LoRA, TailLoRLinear
 #                eager / Triton fused / Triton split; no torch.compile; one frame (one exact SVD) shared by all
 #                TailLoR rows; every TailLoR output compared with eager (a mismatch marks the row FAILED)
 #   ext_wait     wait for ext_build
-#   ext_tests    pytest -m gpu tests/test_cuda_extension.py (TAILLOR_REQUIRE_CUDA_EXT=1 if the build succeeded)
+#   ext_tests    pytest -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py (TAILLOR_REQUIRE_CUDA_EXT=1
+#                if the build succeeded)
 #   frames       taillor bench --suites frames: build_frames on a Llama-7B-shaped model (224 matrices, head 256)
 #   report       OUT_DIR/RESULTS.md (also printed), ending with the verdict table of every GPU goal
 #
@@ -60,10 +62,10 @@ case "$CAP" in ''|*[!0-9]*) echo "gpu_check.sh: GPU_CHECK_CAP_S must be a number
 # ext_build runs in the background under its own limit and costs the cap nothing but ext_wait.
 PLAN="install|30|pip install --no-deps --no-build-isolation -e . (TAILLOR_NO_CUDA_EXT=1: no compile)
 info|10|taillor info --json
-tests|155|pytest -m gpu tests/test_kernels_compiled.py (compiled Triton kernels vs the float64 oracle)
+tests|155|pytest -m gpu on the Triton ops' test files (compiled Triton kernels vs the float64 oracle)
 speed|110|taillor bench --device cuda --suites adapter --speed-target (bf16, T=8192, 4096x4096, r=16; linear, peft, eager, fused, split)
 ext_wait|20|wait for the background extension build (python setup.py build_ext --inplace, limit 300 s)
-ext_tests|35|pytest -m gpu tests/test_cuda_extension.py
+ext_tests|35|pytest -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py
 frames|85|taillor bench --device cuda --suites frames (Llama-7B shapes: 224 matrices, head 256)
 report|10|write RESULTS.md and gpu-check.tar.gz"
 EXT_BUILD_LIMIT=300
@@ -142,7 +144,8 @@ run_stage install env TAILLOR_NO_CUDA_EXT=1 "$PY" -m pip install --no-deps --no-
 EXT_PID=$!
 EXT_T0="$(date +%s)"
 run_stage info "$PY" -m taillor.cli info --json
-run_stage tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels_compiled.py \
+run_stage tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_tail_adapter.py \
+    tests/test_spectral_projection.py tests/test_spectral_penalty.py tests/test_kernel_launch.py \
     --junitxml="$WORK/tests.xml"
 run_stage speed "$PY" -m taillor.cli bench --device cuda --suites adapter --speed-target --no-progress \
     --methods linear,peft,taillor-eager,taillor-fused,taillor-split --out "$WORK/speed.json"
@@ -154,7 +157,7 @@ printf 'ext_build\t%s\t%s\n' "$([ "$EXT_RC" = 0 ] && echo ok || echo "failed (ex
     "$(( $(date +%s) - EXT_T0 ))" >> "$STAGES"
 if [ "$EXT_RC" = 0 ] && (cd /tmp && "$PY" -c "import taillor._C" >/dev/null 2>&1); then
     run_stage ext_tests env TAILLOR_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_cuda_extension.py --junitxml="$WORK/ext_tests.xml"
+        tests/test_cuda_extension.py tests/test_randomized_svd.py --junitxml="$WORK/ext_tests.xml"
 else
     printf 'ext_tests\tskipped (extension not built, see ext_build.log)\t0\n' >> "$STAGES"
 fi

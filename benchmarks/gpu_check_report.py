@@ -16,7 +16,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
-from taillor.bench import GPU_ACCEPTANCE, METHOD_LABELS, format_markdown
+from taillor.bench import GPU_SPEED_TARGET, METHOD_LABELS, format_markdown
 
 SPEED_LIMIT = 1.10      # TailLoRLinear fwd+bwd / frozen nn.Linear
 FRAMES_SECONDS = 2.0    # build_frames on the 7B shapes
@@ -60,7 +60,7 @@ def _tests_goal(goal, summary):
 
 
 def _speed_row(rows, method):
-    shape = GPU_ACCEPTANCE
+    shape = GPU_SPEED_TARGET
     for r in rows:
         if (r.get("suite") == "adapter" and r.get("method") == method and r.get("tokens") == shape.tokens
                 and r.get("d_in") == shape.d_in and r.get("d_out") == shape.d_out and r.get("rank") == shape.rank

@@ -7,9 +7,12 @@ Launchers (each returns exactly its op's schema outputs, see taillor.ops):
     spectral_projection_forward, spectral_projection_backward  P = V Aᵀ, Q = U B and their gradients
     spectral_penalty_forward, spectral_penalty_backward      the Gram-form spectral penalty
 
-Launch rules shared by all of them (interpreter read at launch, device guard, bucketed tuning, recording for the
-ahead-of-time check) are in :mod:`taillor._kernels.launch`. Without TRITON_INTERPRET=1 the launchers need CUDA
-tensors; with it they run on the CPU.
+One job per module: each op file (tail_adapter, tail_adapter_split, spectral_projection, spectral_penalty) holds
+its ``@triton.jit`` kernel and host launcher; ``pair_gemm`` is the shared GEMM engine (two tall-skinny products
+per launch, and the inner loop the fused adapter GEMM reuses); ``checks`` validates every launcher's arguments;
+``launch`` holds the launch rules (interpreter read at launch, device guard, tile configs, bucketed tuning,
+recording for the ahead-of-time check). Without TRITON_INTERPRET=1 the launchers need CUDA tensors; with it they
+run on the CPU.
 """
 from .spectral_penalty import spectral_penalty_backward, spectral_penalty_forward
 from .spectral_projection import spectral_projection_backward, spectral_projection_forward

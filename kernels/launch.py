@@ -1,4 +1,4 @@
-"""Launch rules shared by every Triton launcher: interpreter, device guard, input checks, tuning, recording.
+"""Launch rules shared by every Triton launcher: interpreter, device guard, configs, tuning, recording.
 
 * Interpreter. ``TRITON_INTERPRET=1`` is read at every launch (:func:`interpreting`), never frozen at import: the
   kernels are always imported as compiled ``JITFunction`` objects, and under the interpreter a launch runs an
@@ -9,6 +9,7 @@
   *bucket* (every size rounded up to a power of two, so 3000 and 4000 tokens share the 4096 entry) and cached in
   memory for the process. While a CUDA graph is being captured, or with ``TAILLOR_AUTOTUNE=0``, nothing is
   benchmarked: a cached entry or the first config (the heuristic default) runs.
+* Configs: the tile configs and block-size caps of every kernel, the split-K rule, and the shared-memory filter.
 * Recording (:func:`recording`): launches are captured instead of run, with their arguments, constexprs, config
   list and tuning key. ``taillor check-kernels`` records the real call sites of the launchers on meta tensors
   and compiles exactly those specializations; tests use it to inspect tuning keys without a GPU.
@@ -111,43 +112,8 @@ def device_info(device: torch.device) -> Optional[DeviceInfo]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checks (every launcher validates at the host, before any launch)
+# outputs
 # ---------------------------------------------------------------------------------------------------------------
-def check_device(**tensors) -> None:
-    """All tensors on one device: CUDA, or any device under the interpreter (how CI runs the kernels)."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
-            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}; all inputs must share a device")
-    if first.type != "cuda" and not interpreting() and _RECORDING is None:
-        raise ValueError(f"{first_name} is on {first}: Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 to run them on the CPU)")
-
-
-def check_2d(name, t, rows=None, cols=None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-    if (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
-        want = (rows if rows is not None else "*", cols if cols is not None else "*")
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({want[0]}, {want[1]})")
-
-
-def check_dtype(name, t, dtype=None) -> None:
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name} has dtype {t.dtype} but must match {dtype}")
-
-
-def check_row_major(name, t) -> None:
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (strides {tuple(t.stride())}); "
-                         "call .contiguous() first")
-
-
 def empty_output(like: torch.Tensor) -> torch.Tensor:
     """The op schemas' "not computed" output: an empty 1-D tensor."""
     return like.new_empty(0)
@@ -164,6 +130,64 @@ def pow2_block(n: int, cap: int) -> int:
 def bucket(n: int) -> int:
     """The tuning bucket of a size: the next power of two (0 and 1 stay themselves)."""
     return triton.next_power_of_2(int(n)) if n > 1 else int(n)
+
+
+# Tile configs of every kernel, in one place. On the GPU a launch site tunes over its list (configs that do not fit
+# the device's shared memory are dropped first, see fitting()); `taillor check-kernels` compiles every one for
+# sm_80 and sm_90 at the specializations of the real call sites and checks its shared memory. Under the
+# interpreter the single *_INTERPRET_CONFIG runs (autotuning several configs does not work there).
+
+# Pair kernel (kernels/pair_gemm.py): two tall-skinny products per launch. Each pipelined loop holds num_stages
+# buffers of (BLOCK_M + BLOCK_N)·BLOCK_K elements; BLOCK_K 64/128 streams the long operand in wide chunks (these
+# products are memory bound).
+PAIR_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+]
+# fp32-arithmetic call sites (penalty gradients, head factors: small problems) use one fixed config.
+PAIR_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)
+PAIR_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 64}
+PAIR_MAX_BLOCK_N = 64  # widest output tile along the rank dimension; wider outputs get more programs
+# Split-K of the pair kernel (split_count): only when every chunk keeps at least SPLIT_MIN_CHUNK elements of K.
+SPLIT_MIN_CHUNK = 1024
+MAX_SPLIT = 16
+
+# Fused adapter GEMM (kernels/tail_adapter.py). Pipelined shared memory is (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize
+# per stage. The last two of the 16-bit list (BLOCK_K 64, 128×256 tiles, 8 warps) are the Hopper-sized ones, for
+# 16-bit inputs only: with fp32 operands they would need 288 KiB.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+GEMM_16BIT_CONFIGS = GEMM_CONFIGS + [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+GEMM_MAX_BLOCK_R = 64  # the rank chunk of the fused GEMM's extra K-chunk
+
+
+def gemm_configs(dtype: torch.dtype) -> list[triton.Config]:
+    """The fused GEMM's tuning list for operands of ``dtype``."""
+    return GEMM_CONFIGS if dtype == torch.float32 else GEMM_16BIT_CONFIGS
+
+
+# Penalty Gram kernel (kernels/spectral_penalty.py): fp32 FMA dots on r×r tiles, a tiny O(k·r²) problem, so one
+# fixed config (not worth autotuning) and small tiles to keep registers and compile time low.
+GRAM_CONFIG = triton.Config({}, num_warps=4, num_stages=2)
+GRAM_MAX_BLOCK_R = 32
+GRAM_BLOCK_L = 32
+
+
+def split_count(programs: int, k_len: int, sm_count: Optional[int]) -> int:
+    """Split-K chunks for a grid of ``programs`` with a reduction of length ``k_len``: enough to fill the SMs,
+    at most MAX_SPLIT, and never chunks shorter than SPLIT_MIN_CHUNK. 1 without a device (interpreter)."""
+    if not sm_count or programs >= sm_count:
+        return 1
+    return max(1, min(sm_count // max(programs, 1), k_len // SPLIT_MIN_CHUNK, MAX_SPLIT))
 
 
 def smem_estimate(config: triton.Config, itemsize: int, n_width: int = 0) -> int:
@@ -261,6 +285,11 @@ class Launch:
 
 _RECORDING: Optional[list] = None
 _RECORDING_DEVICE: Optional[DeviceInfo] = None
+
+
+def is_recording() -> bool:
+    """True inside :func:`recording`: launches are captured, and meta tensors stand for a GPU's."""
+    return _RECORDING is not None
 
 
 @contextlib.contextmanager

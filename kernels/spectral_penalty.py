@@ -1,6 +1,6 @@
 """Triton kernels: the TailLoR spectral penalty in Gram form (forward value and gradients).
 
-Math (DESIGN §1). D = diag(ω²) with ω² = ``omega2`` given, c = ``coeff`` (already λ·s²).
+Math. D = diag(ω²) with ω² = ``omega2`` given, c = ``coeff`` (already λ·s²).
 
 Full frame, A (r, k), B (k, r), ΔW = s·U B A Vᵀ with U, V orthonormal, so the penalty
 λ(‖diag(ω) Uᵀ ΔW‖² + ‖ΔW V diag(ω)‖²) = c(‖diag(ω) B A‖² + ‖B A diag(ω)‖²) and, as r×r Gram matrices,
@@ -24,7 +24,7 @@ Kernels. ``_penalty_gram_kernel`` accumulates the Gram tiles (fp32) of M1..M4, o
 tile the r×r matrices; in full mode one pass over k reads each chunk of A and B once and feeds all four.
 It either reduces the tile to its share of the value, c·(⟨M1, M3⟩ + ⟨M2, M4⟩)_ij (forward), or stores
 the four Grams (backward). Products with U_h / V_h and the gradient assembly run on the pair kernel of
-kernels/spectral_projection.py (two tall-skinny GEMMs per launch, optional row scale by ω²). Gradients
+kernels/pair_gemm.py (two tall-skinny GEMMs per launch, optional row scale by ω²). Gradients
 are computed as dAᵀ (a tall-skinny product) and stored through transposed strides. Launch counts:
 full forward 1 (+1 sum when r > 32), full backward 2; head forward 2 (+1 sum when r > 32), head backward 4.
 All arithmetic in fp32 (these are O(k·r²) problems; precision matters more than tensor cores here).
@@ -33,12 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_2d, check_device, check_dtype, launch, pow2_block
-from .spectral_projection import Term, launch_pair
-
-MAX_BLOCK_R = 32  # fp32 FMA dots: small tiles keep registers and compile time low
-BLOCK_L = 32
-GRAM_CONFIG = triton.Config({}, num_warps=4, num_stages=2)  # one fixed config: a tiny O(k·r²) problem, not worth autotuning
+from .checks import check_penalty_grad, check_penalty_inputs
+from .launch import GRAM_BLOCK_L, GRAM_CONFIG, GRAM_MAX_BLOCK_R, launch, pow2_block
+from .pair_gemm import Term, launch_pair
 
 
 @triton.jit
@@ -117,62 +114,25 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
         tl.store(out_ptr + pid_i * tl.num_programs(1) + pid_j, part)
 
 
-def _check_inputs(A, B, U, V, omega2):
-    """Validate and return (mode_is_full, r, h)."""
-    check_2d("A", A)
-    r = A.shape[0]
-    check_2d("B", B, cols=r)
-    if r < 1:
-        raise ValueError(f"A has shape {tuple(A.shape)}: rank must be >= 1")
-    check_dtype("A", A)
-    check_dtype("B", B, A.dtype)
-    if (U is None) != (V is None):
-        raise ValueError("U and V must both be given (head mode) or both be None (full mode)")
-    if not isinstance(omega2, torch.Tensor) or omega2.dim() != 1:
-        raise ValueError(f"omega2 must be a 1-D tensor, got "
-                         f"{tuple(omega2.shape) if isinstance(omega2, torch.Tensor) else type(omega2).__name__}")
-    check_dtype("omega2", omega2)
-    if omega2.shape[0] > 1 and omega2.stride(0) != 1:
-        raise ValueError(f"omega2 must be contiguous (stride {omega2.stride(0)}); call .contiguous() first")
-    if U is None:
-        k = A.shape[1]
-        if B.shape[0] != k:
-            raise ValueError(f"B has shape {tuple(B.shape)}, expected ({k}, {r}) to match A {tuple(A.shape)}")
-        if omega2.shape[0] != k:
-            raise ValueError(f"omega2 has length {omega2.shape[0]}, expected k = {k}")
-        check_device(A=A, B=B, omega2=omega2)
-        return True, r, k
-    d_out, d_in = B.shape[0], A.shape[1]
-    check_2d("U", U, rows=d_out)
-    h = U.shape[1]
-    check_2d("V", V, rows=d_in, cols=h)
-    check_dtype("U", U, A.dtype)
-    check_dtype("V", V, A.dtype)
-    if omega2.shape[0] != h:
-        raise ValueError(f"omega2 has length {omega2.shape[0]}, expected h = {h}")
-    check_device(A=A, B=B, U=U, V=V, omega2=omega2)
-    return False, r, h
-
-
 def _head_factors(A, B, U, V, r, h):
     """A_hᵀ = V_hᵀ Aᵀ (h, r) and B_h = U_hᵀ B (h, r), fp32, one launch."""
     A_hT = torch.empty((h, r), device=A.device, dtype=torch.float32)
     B_h = torch.empty((h, r), device=A.device, dtype=torch.float32)
     launch_pair(A_hT, [Term(V.t(), A.t())], 1.0, B_h, [Term(U.t(), B)], 1.0, upcast=True,
-                max_block_n=MAX_BLOCK_R, site="penalty head factors")
+                max_block_n=GRAM_MAX_BLOCK_R, site="penalty head factors")
     return A_hT, B_h
 
 
 def _grams(A, B, A_hT, B_h, omega2, r, k_or_h, full, out, coeff=0.0):
     store = out.dim() == 3
-    br = pow2_block(r, MAX_BLOCK_R)
+    br = pow2_block(r, GRAM_MAX_BLOCK_R)
     nr = triton.cdiv(r, br)
     if full:
         A_hT, B_h = A.t(), B
     args = (B, B.stride(1), B.stride(0), A, A.stride(0), A.stride(1),
             B_h, B_h.stride(1), B_h.stride(0), A_hT, A_hT.stride(1), A_hT.stride(0),
             omega2, out, r, B.shape[0], A.shape[1], k_or_h, float(coeff))
-    flags = dict(FULL=full, STORE_GRAMS=store, BLOCK_R=br, BLOCK_L=BLOCK_L)
+    flags = dict(FULL=full, STORE_GRAMS=store, BLOCK_R=br, BLOCK_L=GRAM_BLOCK_L)
     launch(_penalty_gram_kernel, lambda meta: (nr, nr), args, flags, [GRAM_CONFIG], {}, (r, k_or_h),
            "penalty grams" if store else "penalty value")
 
@@ -185,8 +145,8 @@ def spectral_penalty_forward(A, B, U, V, omega2, coeff):
     strides; omega2 any float dtype; coeff a float (λ·s²). All arithmetic in fp32; the 0-dim result comes back
     in A's dtype (the op schema).
     """
-    full, r, kh = _check_inputs(A, B, U, V, omega2)
-    nr = triton.cdiv(r, pow2_block(r, MAX_BLOCK_R))
+    full, r, kh = check_penalty_inputs(A, B, U, V, omega2)
+    nr = triton.cdiv(r, pow2_block(r, GRAM_MAX_BLOCK_R))
     parts = torch.empty((nr * nr,), device=A.device, dtype=torch.float32)
     A_hT = B_h = None
     if not full:
@@ -203,11 +163,8 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
     head: dA = 2c·g·(M1 A + M2 A_h D V_hᵀ), dB = 2c·g·(U_h D B_h M3 + B M4) (derivation in the module
     docstring).
     """
-    full, r, kh = _check_inputs(A, B, U, V, omega2)
-    if not isinstance(grad, torch.Tensor) or grad.numel() != 1:
-        raise ValueError(f"grad must be a one-element tensor, got "
-                         f"{tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__}")
-    check_device(grad=grad, A=A)
+    full, r, kh = check_penalty_inputs(A, B, U, V, omega2)
+    check_penalty_grad(grad, A)
     g = grad.reshape(1)
     dev = A.device
     grams = torch.empty((4, r, r), device=dev, dtype=torch.float32)
@@ -220,8 +177,8 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
         # dAᵀ (k, r) = 2cg·(Aᵀ M1ᵀ + D Aᵀ M2ᵀ)     dB (k, r) = 2cg·(D B M3 + B M4)
         launch_pair(dA.t(), [Term(A.t(), M1.t()), Term(A.t(), M2.t())], two_c,
                     dB, [Term(B, M3), Term(B, M4)], two_c,
-                    w=omega2, rs_a=(False, True), rs_b=(True, False), g=g, upcast=True, max_block_n=MAX_BLOCK_R,
-                    site="penalty full dA, dB")
+                    w=omega2, rs_a=(False, True), rs_b=(True, False), g=g, upcast=True,
+                    max_block_n=GRAM_MAX_BLOCK_R, site="penalty full dA, dB")
         return dA, dB
     A_hT, B_h = _head_factors(A, B, U, V, r, kh)
     _grams(A, B, A_hT, B_h, omega2, r, kh, False, grams)
@@ -231,9 +188,9 @@ def spectral_penalty_backward(grad, A, B, U, V, omega2, coeff):
     N_B = torch.empty((kh, r), device=dev, dtype=torch.float32)
     launch_pair(N_AT, [Term(A_hT, M2.t())], 1.0, N_B, [Term(B_h, M3)], 1.0,
                 w=omega2, rs_a=(True, False), rs_b=(True, False), upcast=True,
-                max_block_n=MAX_BLOCK_R, site="penalty head N_A, N_B")
+                max_block_n=GRAM_MAX_BLOCK_R, site="penalty head N_A, N_B")
     # dAᵀ (d_in, r) = 2cg·(Aᵀ M1 + V_h N_Aᵀ)      dB (d_out, r) = 2cg·(U_h N_B + B M4)
     launch_pair(dA.t(), [Term(A.t(), M1.t()), Term(V, N_AT)], two_c,
-                dB, [Term(U, N_B), Term(B, M4)], two_c, g=g, upcast=True, max_block_n=MAX_BLOCK_R,
+                dB, [Term(U, N_B), Term(B, M4)], two_c, g=g, upcast=True, max_block_n=GRAM_MAX_BLOCK_R,
                 site="penalty head dA, dB")
     return dA, dB

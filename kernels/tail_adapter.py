@@ -1,6 +1,6 @@
 """Triton kernels: the TailLoR adapter as a fused rank-r LoRA linear layer (forward and backward).
 
-Math (DESIGN §1). x (T, d_in), frozen W (d_out, d_in), bias b (d_out,) or none, P (d_in, r), Q (d_out, r),
+Math. x (T, d_in), frozen W (d_out, d_in), bias b (d_out,) or none, P (d_in, r), Q (d_out, r),
 scale s. The adapter branch reads x_a = x, or x_adapter (e.g. dropout(x)) when given:
 
     S = x_a P                               (T, r)      saved for backward
@@ -21,7 +21,7 @@ Kernels and fusion:
   fused; with K = 0 it gives dx_adapter = s · G Pᵀ alone. The alternative (base GEMM, then an in-place
   rank-r update of y) costs one more read and write of y; with no GPU to measure on we implement the
   extra-K-chunk form, which needs no second pass over y.
-- The tall-skinny products run on the pair kernel of kernels/spectral_projection.py: S = x_a P (one read
+- The tall-skinny products run on the pair kernel of kernels/pair_gemm.py: S = x_a P (one read
   of x_a); G = dy Q and dQ = s · dyᵀ S in one launch (two program groups; dy is read once by each);
   dP = s · x_aᵀ G. A single read of dy for both G and dQ would need a cross-program reduction of dQ over
   T blocks: float atomics (nondeterministic gradients) or a partial-sum workspace of
@@ -39,11 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (TL_DTYPES, check_2d, check_device, check_dtype, check_row_major, empty_output, fitting,
+from .checks import check_adapter_backward_inputs, check_adapter_inputs
+from .launch import (GEMM_INTERPRET_CONFIG, GEMM_MAX_BLOCK_R, TL_DTYPES, empty_output, fitting, gemm_configs,
                      interpreting, launch, pow2_block)
-from .spectral_projection import Term, accumulate_product, launch_pair
-
-MAX_BLOCK_R = 64
+from .pair_gemm import Term, accumulate_product, launch_pair
 
 
 @triton.jit
@@ -94,26 +93,6 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-# GPU autotuning space. Pipelined shared memory is (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize per stage. The last two
-# (BLOCK_K 64, 128×256 tiles, 8 warps) are the Hopper-sized ones, for 16-bit inputs only: with fp32 operands they
-# would need 288 KiB. Configs that do not fit the device are dropped at launch; `taillor check-kernels` compiles
-# every one for sm_80 and sm_90 and checks its shared memory.
-GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]
-GEMM_16BIT_CONFIGS = GEMM_CONFIGS + [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-]
-_GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-
-
-def gemm_configs(dtype):
-    return GEMM_CONFIGS if dtype == torch.float32 else GEMM_16BIT_CONFIGS
-
-
 def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
     """out = a @ b_t + scale · c @ dᵀ + bias. ``b_t`` is the (K, N) right operand as a strided view;
     c (M, R) and d (N, R) may be None (no low-rank chunk)."""
@@ -130,57 +109,15 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
             cc.stride(0), cc.stride(1), dd.stride(0), dd.stride(1), out.stride(0), out.stride(1),
             float(scale))
     dot = tl.float32 if interpreting() else TL_DTYPES[out.dtype]
-    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot, BLOCK_R=pow2_block(R, MAX_BLOCK_R))
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot,
+                 BLOCK_R=pow2_block(R, GEMM_MAX_BLOCK_R))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     configs = fitting(gemm_configs(out.dtype), out.device, out.element_size())
-    launch(_tail_gemm_kernel, grid, args, flags, configs, _GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
+    launch(_tail_gemm_kernel, grid, args, flags, configs, GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
            (out.element_size(), 0))
-
-
-def check_adapter_inputs(x, weight, bias, P, Q, x_adapter):
-    """Validate the adapter forward's inputs (both routes); returns (T, d_in, d_out, r)."""
-    check_2d("x", x)
-    T, d_in = x.shape
-    check_2d("weight", weight, cols=d_in)
-    d_out = weight.shape[0]
-    check_2d("P", P, rows=d_in)
-    r = P.shape[1]
-    if r < 1:
-        raise ValueError(f"P has shape {tuple(P.shape)}: rank must be >= 1")
-    check_2d("Q", Q, rows=d_out, cols=r)
-    check_dtype("x", x)
-    for name, t in (("weight", weight), ("P", P), ("Q", Q)):
-        check_dtype(name, t, x.dtype)
-    check_row_major("x", x)
-    check_row_major("weight", weight)
-    if x_adapter is not None:
-        check_2d("x_adapter", x_adapter, rows=T, cols=d_in)
-        check_dtype("x_adapter", x_adapter, x.dtype)
-        check_row_major("x_adapter", x_adapter)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (d_out,):
-            raise ValueError(f"bias must have shape ({d_out},), got "
-                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-        check_dtype("bias", bias, x.dtype)
-        if d_out > 1 and bias.stride(0) != 1:
-            raise ValueError(f"bias must be contiguous (stride {bias.stride(0)}); call .contiguous() first")
-    check_device(x=x, weight=weight, bias=bias, P=P, Q=Q, x_adapter=x_adapter)
-    return T, d_in, d_out, r
-
-
-def check_adapter_backward_inputs(dy, x, weight, S, P, Q, x_adapter):
-    """Validate the adapter backward's inputs (both routes); returns (T, d_in, d_out, r)."""
-    T, d_in, d_out, r = check_adapter_inputs(x, weight, None, P, Q, x_adapter)
-    check_2d("dy", dy, rows=T, cols=d_out)
-    check_dtype("dy", dy, x.dtype)
-    check_row_major("dy", dy)
-    check_2d("S", S, rows=T, cols=r)
-    check_dtype("S", S, x.dtype)
-    check_device(dy=dy, x=x, S=S)
-    return T, d_in, d_out, r
 
 
 def tail_adapter_forward(x, weight, bias, P, Q, scale, x_adapter=None):

@@ -19,9 +19,9 @@ cuBLAS update takes it directly.
 """
 import torch
 
+from .checks import check_adapter_backward_inputs, check_adapter_inputs
 from .launch import empty_output
-from .spectral_projection import Term, launch_pair
-from .tail_adapter import check_adapter_backward_inputs, check_adapter_inputs
+from .pair_gemm import Term, launch_pair
 
 
 def tail_adapter_split_forward(x, weight, bias, P, Q, scale, x_adapter=None):

@@ -168,8 +168,8 @@ def randomized_svd(W: Tensor, k: int, niter: int = 2, oversample: int = 8,
     Returns U (..., m, k), S (..., k) descending, V (..., n, k), in float32 (float64 for float64 input; fp16 and
     bf16 are computed in float32). Seeded and deterministic for a given seed, device and shape. Uses the CUDA
     extension for CUDA tensors when it is built, the PyTorch implementation otherwise. Not differentiable.
-    Raises ValueError on k outside [1, min(m, n)], negative niter/oversample, fewer than 2 dims, non-finite W
-    (detected on the sketch, not by a separate pass over W).
+    Raises ValueError on k outside [1, min(m, n)], negative niter/oversample, fewer than 2 dims, non-finite W, or a
+    finite W whose random sketch overflows (both detected on the sketch, not by a separate pass over W).
     """
     if W.dim() < 2:
         raise ValueError(f"randomized_svd needs a matrix or a batch of matrices, got shape {tuple(W.shape)}")

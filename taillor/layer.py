@@ -1,7 +1,9 @@
 """TailLoRLinear: a frozen nn.Linear plus a low-rank update learned in its spectral frame.
 
-The module owns the parameters (A, B), the frame and the record of consolidated tasks; the math lives in
-:mod:`taillor.functional`.
+The module owns the parameters (A, B), the frame, the penalty's strength and the record of consolidated tasks,
+and exports and loads that record (its part of a saved adapter: :meth:`TailLoRLinear.export_record`,
+:func:`check_record`, :meth:`TailLoRLinear.load_record`). The math lives in :mod:`taillor.functional`; where A and
+B live (full or head frame) in :mod:`taillor.frame.modes`; access to the wrapped weight in :mod:`taillor.base`.
 """
 from __future__ import annotations
 
@@ -14,21 +16,16 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .base import base_for
 from .config import TailLoRConfig
-from .frame import SpectralFrame, compute_frame
+from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .strength import dual_step, head_share
 
-
-def fold_delta(weight: Tensor, up: Tensor, down: Tensor, sign: float = 1.0) -> None:
-    """weight += sign·(up @ down), computed in float32 (float64 for float64 weights) and cast back, in place.
-
-    The one place where an update meets the base weight: merge, unmerge, consolidate and load_adapter all go
-    through it, so replaying a saved record reproduces the weight bit for bit on the same device.
-    """
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    with torch.no_grad():
-        merged = weight.to(dtype).addmm_(up.to(dtype), down.to(dtype), alpha=sign)
-        weight.copy_(merged)
+# The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
+# adapter independent of the SVD routine's sign and basis choices.
+RECORD_TENSORS = ("lora_P", "lora_Q", "consolidated_up", "consolidated_down")
+# The base weight a record was trained on is recognised by its Frobenius norm, to this relative error.
+BASE_NORM_RTOL = 1e-3
 
 
 def _full_tensor(t: Tensor) -> Tensor:
@@ -54,22 +51,20 @@ class TailLoRLinear(nn.Module):
                  frame: Optional[SpectralFrame] = None):
         super().__init__()
         where = name or "TailLoRLinear"
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"{where}: TailLoR wraps nn.Linear layers, got {type(base_layer).__name__}")
-        d_out, d_in = base_layer.weight.shape
+        base = base_for(base_layer, where)
+        d_out, d_in = base.weight().shape
         m = min(d_out, d_in)
         if config.rank > m:
             raise ValueError(f"{where}: rank={config.rank} exceeds min(d_out, d_in)={m} of a {d_in}->{d_out} layer")
         self.name = name
         self.config = config
         self.base_layer = base_layer
+        self.base = base
         base_layer.requires_grad_(False)
-        self.frame = frame if frame is not None else compute_frame(base_layer.weight, config, where)
-        weight = base_layer.weight
+        weight = base.weight()
+        self.frame = frame if frame is not None else compute_frame(weight, config, where)
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        k = self.frame.rank
-        r = config.rank
-        shape_A, shape_B = ((r, k), (k, r)) if config.frame == "full" else ((r, d_in), (d_out, r))
+        shape_A, shape_B = self.frame_mode.factor_shapes(config.rank, self.frame.rank, d_in, d_out)
         self.lora_A = nn.Parameter(torch.zeros(shape_A, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(shape_B, dtype=dtype, device=weight.device))
         self.register_buffer("consolidated_up", torch.zeros(d_out, 0, dtype=dtype, device=weight.device),
@@ -103,24 +98,29 @@ class TailLoRLinear(nn.Module):
         return self.config.scaling
 
     @property
+    def frame_mode(self) -> FrameMode:
+        """Where A and B live (full: spectral coordinates; head: the layer's), :mod:`taillor.frame.modes`."""
+        return frame_mode(self.config.frame)
+
+    @property
     def head_size(self) -> int:
         return self.frame.head_size
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base.out_features
 
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return self.base.weight()
 
     @property
     def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
+        return self.base.bias()
 
     def extra_repr(self) -> str:
         return (f"rank={self.config.rank}, scaling={self.scaling:g}, frame={self.config.frame}, "
@@ -131,17 +131,8 @@ class TailLoRLinear(nn.Module):
     def reset_adapter(self) -> None:
         """New A (Kaiming-uniform, or zero on the head with init="tail"), B = 0: the layer equals its base."""
         seed = task_seed(self.config.seed, self.name, self.tasks_consolidated)
-        generator = torch.Generator().manual_seed(seed)
-        fan_in = self.lora_A.shape[1]
-        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-        A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype).uniform_(-bound, bound, generator=generator)
-        A = A.to(self.lora_A.device)
-        if self.config.init == "tail":
-            if self.config.frame == "full":
-                A[:, :self.head_size] = 0
-            else:
-                V_h = self.frame.V.to(A.dtype)
-                A = A - (A @ V_h) @ V_h.t()
+        A = self.frame_mode.initial_A(tuple(self.lora_A.shape), self.lora_A.dtype, self.lora_A.device, seed,
+                                      self.config.init, self.frame)
         with torch.no_grad():
             self.lora_A.copy_(A)
             self.lora_B.zero_()
@@ -149,10 +140,7 @@ class TailLoRLinear(nn.Module):
     def adapter_factors(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         """(P, Q) with ΔW = s·Q Pᵀ: P (d_in, r), Q (d_out, r) in ``dtype`` (default: the adapter's);
         differentiable. A 16-bit ``dtype`` makes the full-frame projection write its output in it directly."""
-        if self.config.frame == "full":
-            return F.spectral_projection(self.lora_A, self.lora_B, self.frame.U, self.frame.V, out_dtype=dtype)
-        P, Q = self.lora_A.t(), self.lora_B
-        return (P, Q) if dtype is None else (P.to(dtype), Q.to(dtype))
+        return self.frame_mode.layer_factors(self.lora_A, self.lora_B, self.frame, dtype)
 
     def delta_weight(self) -> Tensor:
         """The current task's update ΔW = s·U B A Vᵀ (full) or s·B A (head), (d_out, d_in), adapter dtype."""
@@ -166,7 +154,7 @@ class TailLoRLinear(nn.Module):
     def pretrained_weight(self) -> Tensor:
         """The base weight before any consolidation or merge, in the adapter's dtype."""
         with torch.no_grad():
-            weight = self.base_layer.weight.to(self.lora_A.dtype) - self.consolidated_up @ self.consolidated_down
+            weight = self.base.weight().to(self.lora_A.dtype) - self.consolidated_up @ self.consolidated_down
             return weight - self.delta_weight() if self.merged else weight
 
     def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
@@ -182,7 +170,7 @@ class TailLoRLinear(nn.Module):
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
         A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-        U, V = (None, None) if self.config.frame == "full" else (frame.U, frame.V)
+        U, V = self.frame_mode.penalty_frame(frame)
         s2 = self.scaling ** 2
         if penalty is not None or not self.adapts_strength:
             strength = self.config.penalty if penalty is None else penalty
@@ -202,7 +190,7 @@ class TailLoRLinear(nn.Module):
         a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
         with torch.no_grad():
             A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-            U, V = (None, None) if self.config.frame == "full" else (self.frame.U, self.frame.V)
+            U, V = self.frame_mode.penalty_frame(self.frame)
             energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
             return head_share(energy, self._update_energy(A, B))
 
@@ -223,7 +211,7 @@ class TailLoRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = self.base.weight(), self.base.bias()
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
@@ -247,14 +235,14 @@ class TailLoRLinear(nn.Module):
         """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
         if self.merged:
             return
-        fold_delta(self.base_layer.weight, *self._current_factors())
+        self.base.fold(*self._current_factors())
         self.merged = True
 
     def unmerge(self) -> None:
         """Remove the merged ΔW from the base weight (exact up to the base dtype's rounding)."""
         if not self.merged:
             return
-        fold_delta(self.base_layer.weight, *self._current_factors(), sign=-1.0)
+        self.base.fold(*self._current_factors(), sign=-1.0)
         self.merged = False
 
     def consolidate(self) -> None:
@@ -265,9 +253,86 @@ class TailLoRLinear(nn.Module):
         """
         up, down = self._current_factors()
         if not self.merged:
-            fold_delta(self.base_layer.weight, up, down)
+            self.base.fold(up, down)
         self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
         self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
         self.merged = False
         self.tasks_consolidated += 1
         self.reset_adapter()
+
+    # ------------------------------------------------------------------------------------------------------
+    # the layer's record in a saved adapter
+    # ------------------------------------------------------------------------------------------------------
+    def export_record(self) -> tuple[dict[str, Tensor], dict]:
+        """This layer's part of a saved adapter: (tensors, meta), on the CPU.
+
+        tensors: ``lora_P`` (d_in, r) and ``lora_Q`` (d_out, r) — the current adapter in layer coordinates,
+        ΔW = s·Q Pᵀ — and ``consolidated_up`` (d_out, R), ``consolidated_down`` (R, d_in), the finished tasks.
+        meta: d_in, d_out, rank, tasks_consolidated, merged, base_weight_norm (of the pre-trained weight, to
+        recognise the base on load) and penalty_strength (λ of this layer, adapted with head_share_target).
+        """
+        with torch.no_grad():
+            P, Q = self.adapter_factors()
+        tensors = {"lora_P": P.detach().contiguous().cpu(), "lora_Q": Q.detach().contiguous().cpu(),
+                   "consolidated_up": self.consolidated_up.contiguous().cpu(),
+                   "consolidated_down": self.consolidated_down.contiguous().cpu()}
+        meta = {"d_in": self.in_features, "d_out": self.out_features, "rank": self.config.rank,
+                "tasks_consolidated": self.tasks_consolidated, "merged": self.merged,
+                "base_weight_norm": float(self.pretrained_weight().double().norm()),
+                "penalty_strength": float(self.penalty_strength)}
+        return tensors, meta
+
+    def load_record(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore a record of :meth:`export_record` (checked first with :func:`check_record`) onto this fresh
+        layer: replay the consolidated tasks into the base weight (the same folds, so the same weight bit for bit
+        on the same device), re-express the adapter in this machine's frame (A, B from P, Q), restore λ, merge if
+        it was merged."""
+        device, dtype = self.lora_A.device, self.lora_A.dtype
+        up, down = (tensors[part].to(device=device, dtype=dtype) for part in ("consolidated_up", "consolidated_down"))
+        r = meta["rank"]
+        for task in range(meta["tasks_consolidated"]):
+            self.base.fold(up[:, task * r:(task + 1) * r], down[task * r:(task + 1) * r])
+        self.consolidated_up, self.consolidated_down = up.contiguous(), down.contiguous()
+        self.tasks_consolidated = meta["tasks_consolidated"]
+        P, Q = (tensors[part].to(device=device, dtype=dtype) for part in ("lora_P", "lora_Q"))
+        A, B = self.frame_mode.trainable_factors(P, Q, self.frame)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+        if "penalty_strength" in meta:  # adapted λ (head_share_target); absent in adapters saved before it existed
+            self.penalty_strength.fill_(float(meta["penalty_strength"]))
+        if meta["merged"]:
+            self.merge()
+
+
+def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each record tensor, from the record's meta."""
+    r, d_in, d_out = meta["rank"], meta["d_in"], meta["d_out"]
+    R = r * meta["tasks_consolidated"]
+    return {"lora_P": (d_in, r), "lora_Q": (d_out, r), "consolidated_up": (d_out, R), "consolidated_down": (R, d_in)}
+
+
+def check_record(name: str, base_layer: nn.Module, tensors: dict[str, Tensor], meta: dict,
+                 config: TailLoRConfig) -> None:
+    """ValueError, naming the layer and the value, unless the record (tensors by part, meta) of layer ``name`` fits
+    ``base_layer`` (the module it will wrap: sizes and pre-trained weight) and ``config`` (rank). Changes nothing."""
+    base = base_for(base_layer, name)
+    if (base.out_features, base.in_features) != (meta["d_out"], meta["d_in"]):
+        raise ValueError(f"{name}: the adapter was saved for a {meta['d_in']}->{meta['d_out']} layer, the model "
+                         f"has {base.in_features}->{base.out_features}")
+    if meta["rank"] != config.rank:
+        raise ValueError(f"{name}: saved rank {meta['rank']} differs from the config's rank {config.rank}")
+    for part, shape in record_shapes(meta).items():
+        tensor = tensors[part]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}.{part}: saved shape {tuple(tensor.shape)}, expected {shape}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}.{part}: saved tensor has non-finite entries")
+    strength = meta.get("penalty_strength", 0.0)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength < 0:
+        raise ValueError(f"{name}: saved penalty_strength {strength!r} is not a finite number >= 0")
+    norm = float(base.weight().detach().double().norm())
+    if not math.isclose(norm, meta["base_weight_norm"], rel_tol=BASE_NORM_RTOL, abs_tol=1e-12):
+        raise ValueError(f"{name}: this base weight (norm {norm:.6g}) is not the one the adapter was trained on "
+                         f"(norm {meta['base_weight_norm']:.6g}); load adapters onto the original base model")

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .base import base_for, is_supported_base
 from .config import TailLoRConfig
 from .frame import SpectralFrame, build_frames as _build_frames
 from .layer import TailLoRLinear
@@ -22,7 +23,8 @@ def iter_taillor_layers(model: nn.Module) -> Iterator[tuple[str, TailLoRLinear]]
             yield name, module
 
 
-def _require_layers(model: nn.Module, what: str) -> list[tuple[str, TailLoRLinear]]:
+def require_taillor_layers(model: nn.Module, what: str) -> list[tuple[str, TailLoRLinear]]:
+    """(name, layer) of every TailLoRLinear of ``model``; ValueError naming ``what`` when there is none."""
     layers = list(iter_taillor_layers(model))
     if not layers:
         raise ValueError(f"{what}: the model has no TailLoRLinear layers; call taillor.apply_taillor first")
@@ -58,16 +60,16 @@ def find_target_modules(model: nn.Module, config: TailLoRConfig) -> dict[str, nn
     if inside_taillor:
         raise ValueError(f"the model already has TailLoRLinear layers ({sorted(inside_taillor)[:3]}...); "
                          "call taillor.merge_and_unload first to apply a new configuration")
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linear_names = [name for name, module in model.named_modules() if is_supported_base(module)]
     if targets == "all-linear":
         heads = _output_head_names(model)
         selected = {name: module for name, module in model.named_modules()
-                    if isinstance(module, nn.Linear) and name not in heads}
+                    if is_supported_base(module) and name not in heads}
     else:
         selected = {}
         for name, module in model.named_modules():
             if name and _matches(name, targets):
-                if not isinstance(module, nn.Linear):
+                if not is_supported_base(module):
                     raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
                                     f"TailLoR wraps nn.Linear layers only")
                 selected[name] = module
@@ -84,7 +86,11 @@ def build_frames(model: nn.Module, config: TailLoRConfig, progress: bool = True)
     """Frames of every target layer of ``model``, batched by shape (and sharded across ranks when
     torch.distributed is initialized). Reuses cached frames of unchanged weights."""
     targets = find_target_modules(model, config)
-    return _build_frames({name: module.weight for name, module in targets.items()}, config, progress=progress)
+    return _build_frames(_target_weights(targets), config, progress=progress)
+
+
+def _target_weights(targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {name: base_for(module, name).weight() for name, module in targets.items()}
 
 
 def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True) -> nn.Module:
@@ -95,12 +101,13 @@ def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True
     Returns ``model``.
     """
     targets = find_target_modules(model, config)
-    for name, module in targets.items():
-        m = min(module.weight.shape)
-        if config.rank > m:
-            raise ValueError(f"{name}: rank={config.rank} exceeds min(d_out, d_in)={m} of a "
-                             f"{module.in_features}->{module.out_features} layer")
-    frames = _build_frames({name: module.weight for name, module in targets.items()}, config, progress=progress)
+    weights = _target_weights(targets)
+    for name, weight in weights.items():
+        d_out, d_in = weight.shape
+        if config.rank > min(d_out, d_in):
+            raise ValueError(f"{name}: rank={config.rank} exceeds min(d_out, d_in)={min(d_out, d_in)} of a "
+                             f"{d_in}->{d_out} layer")
+    frames = _build_frames(weights, config, progress=progress)
     layers = {name: TailLoRLinear(module, config, name=name, frame=frames[name]) for name, module in targets.items()}
     model.requires_grad_(False)
     for name, layer in layers.items():
@@ -119,9 +126,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def spectral_penalty(model: nn.Module, penalty: float | None = None) -> torch.Tensor:
     """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): add it to the task loss yourself (never done
     behind your back). λ is each layer's strength (``config.penalty``, or its adapted λ with
-    ``head_share_target``), or ``penalty`` for all layers when given (e.g. the reference value of DESIGN's
-    formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
-    layers = _require_layers(model, "spectral_penalty")
+    ``head_share_target``), or ``penalty`` for all layers when given (e.g. ``config.penalty``, the value of the
+    fixed-strength formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
+    layers = require_taillor_layers(model, "spectral_penalty")
     device = layers[0][1].lora_A.device
     total = torch.zeros((), device=device, dtype=torch.float32)
     for _, layer in layers:
@@ -134,7 +141,7 @@ def consolidate(model: nn.Module) -> int:
 
     Optimizer state of the old A, B is stale afterwards: create a new optimizer (or reset its state).
     """
-    layers = _require_layers(model, "consolidate")
+    layers = require_taillor_layers(model, "consolidate")
     for _, layer in layers:
         layer.consolidate()
     return len(layers)
@@ -142,7 +149,7 @@ def consolidate(model: nn.Module) -> int:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the plain nn.Linear back; returns ``model``."""
-    for name, layer in _require_layers(model, "merge_and_unload"):
+    for name, layer in require_taillor_layers(model, "merge_and_unload"):
         layer.merge()
         _replace_module(model, name, layer.base_layer)
     return model

@@ -36,9 +36,11 @@ def test_benchmark_suites_run_once(tmp_path):
     full_names = [b["fullname"] for b in data["benchmarks"]]
     assert len(full_names) == len(set(full_names)), "a benchmark ran twice"
     names = {b["name"].split("[")[0] for b in data["benchmarks"]}
-    assert names == {"test_tail_adapter", "test_randomized_svd", "test_spectral_penalty", "test_build_frames"}
-    ratio_keys = {"test_tail_adapter": "ratio_to_floor", "test_randomized_svd": "ratio_to_svd_lowrank",
-                  "test_spectral_penalty": "ratio_to_gram", "test_build_frames": "speedup_vs_svd_lowrank"}
+    assert names == {"test_tail_adapter", "test_spectral_projection", "test_randomized_svd", "test_spectral_penalty",
+                     "test_build_frames"}
+    ratio_keys = {"test_tail_adapter": "ratio_to_floor", "test_spectral_projection": "ratio_to_matmul",
+                  "test_randomized_svd": "ratio_to_svd_lowrank", "test_spectral_penalty": "ratio_to_gram",
+                  "test_build_frames": "speedup_vs_svd_lowrank"}
     methods = set()
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
@@ -138,9 +140,9 @@ def test_gpu_check_report_writes_no_figure_it_did_not_measure(tmp_path):
 
 def test_gpu_check_report_fails_a_speed_goal_on_mismatched_outputs(tmp_path):
     """Synthetic stage outputs (not measurements): a FAILED output check fails the row's goals whatever its time."""
-    from taillor.bench import GPU_ACCEPTANCE
-    shape = {"tokens": GPU_ACCEPTANCE.tokens, "d_in": GPU_ACCEPTANCE.d_in, "d_out": GPU_ACCEPTANCE.d_out,
-             "rank": GPU_ACCEPTANCE.rank, "dtype": GPU_ACCEPTANCE.dtype, "shape": GPU_ACCEPTANCE.name}
+    from taillor.bench import GPU_SPEED_TARGET
+    shape = {"tokens": GPU_SPEED_TARGET.tokens, "d_in": GPU_SPEED_TARGET.d_in, "d_out": GPU_SPEED_TARGET.d_out,
+             "rank": GPU_SPEED_TARGET.rank, "dtype": GPU_SPEED_TARGET.dtype, "shape": GPU_SPEED_TARGET.name}
     row = {"suite": "adapter", **shape, "label": "x", "fwd_ms": 1.0, "bwd_ms": 1.0, "fwd_bwd_ms": 2.0,
            "ratio_fwd": 1.0, "ratio_bwd": 1.0, "ratio_fwd_bwd": 1.05, "ratio_to_peft": 0.9, "peak_mb": 1.0}
     rows = [{**row, "method": "taillor-fused", "check": "FAILED: y differs from eager by 5.00e-01 > 6e-02"},
@@ -160,6 +162,55 @@ def test_gpu_check_report_fails_a_speed_goal_on_mismatched_outputs(tmp_path):
 
 def test_match_tolerance_is_twice_the_suite_tolerance():
     from conftest import TOLERANCE
-    from taillor.bench import MATCH_TOLERANCE
+    from taillor.bench.methods import MATCH_TOLERANCE
     for dtype, tol in MATCH_TOLERANCE.items():
-        assert tol == pytest.approx(2 * TOLERANCE[dtype])
+        assert tol == pytest.approx(2 * TOLERANCE["oracle"][dtype])
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("YES", True), ("", False), ("0", False),
+                                       ("false", False), ("False", False), ("no", False), ("off", False)])
+def test_bench_switches_read_false_and_zero_as_off(monkeypatch, value, on):
+    from taillor.bench.shapes import fast_mode, full_mode, quick_mode
+    for name, read in (("TAILLOR_BENCH_FAST", fast_mode), ("TAILLOR_BENCH_QUICK", quick_mode),
+                       ("TAILLOR_BENCH_FULL", full_mode)):
+        monkeypatch.setenv(name, value)
+        assert read() is on, (name, value)
+        monkeypatch.delenv(name)
+        assert read() is False, name
+
+
+def test_registry_rounds_honour_quick(monkeypatch):
+    """The pytest suites' round counts follow TAILLOR_BENCH_QUICK as `taillor bench --quick` does (fewer on CUDA)."""
+    from taillor.bench.shapes import rounds_for
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import registry
+    finally:
+        sys.path.pop(0)
+    for var in ("TAILLOR_BENCH_FAST", "TAILLOR_BENCH_ROUNDS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TAILLOR_BENCH_QUICK", "1")
+    assert registry.rounds("cuda") == rounds_for("cuda", quick=True) != rounds_for("cuda", quick=False)
+    monkeypatch.setenv("TAILLOR_BENCH_QUICK", "false")
+    assert registry.rounds("cuda") == rounds_for("cuda", quick=False)
+
+
+def test_frames_bench_counts_the_exact_svds_build_frames_makes(monkeypatch):
+    """The frames table's "exact SVD" count comes from the rule build_frames applies, not a copy of it: count the
+    matrices build_frames hands to torch.linalg.svd on a model mixing both paths."""
+    from taillor.bench.shapes import FramesModel
+    from taillor.bench.spectral_methods import FramesBench
+    monkeypatch.delenv("TAILLOR_BENCH_FAST", raising=False)
+    bench = FramesBench(FramesModel("tiny", 2, 128, 384, 64, 16), torch.device("cpu"))
+    shapes = {tuple(W.shape) for W in bench.weights.values()}
+    decomposed = []  # weights given to the exact SVD (the randomized path's small SVDs are l×l, not weight-shaped)
+    real_svd = torch.linalg.svd
+
+    def counting_svd(W, *args, **kwargs):
+        if tuple(W.shape[-2:]) in shapes:
+            decomposed.append(W.shape[0] if W.dim() == 3 else 1)
+        return real_svd(W, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    bench.ours()
+    assert 0 < bench.n_exact < len(bench.weights)
+    assert sum(decomposed) == bench.n_exact

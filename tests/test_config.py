@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §2 raises a typed error that names the value, and changes nothing."""
+"""Every bad input of the public API raises a typed error that names the value, and changes nothing."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
-"""Frames: exactness (full), accuracy contract of head frames with default settings, head sizes, caching."""
+"""Frames: exactness (full), accuracy contract of head frames with default settings, head sizes, caching, and the
+frame modes (factors both ways, the penalty's frame tensors, A's initialisation)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 import taillor
-from taillor.frame import build_frames, compute_frame, head_svd_settings
+from conftest import TOLERANCE, assert_close
+from taillor.frame import build_frames, compute_frame, frame_mode, head_uses_exact_svd
 from test_randomized_svd import SPECTRA, largest_principal_angle, matrix_with_spectrum
 
 
@@ -24,13 +26,12 @@ def test_head_frame_default_settings_meet_the_accuracy_contract(spectrum):
     m, n, h = 300, 260, 24
     W = matrix_with_spectrum(SPECTRA[spectrum](n), m, n, seed=7).float()
     config = taillor.TailLoRConfig(frame="head", head=h)
-    oversample, _ = head_svd_settings(h, config)
-    assert h + oversample < 0.5 * min(m, n), "the randomized path (not the exact fallback) must be under test"
+    assert not head_uses_exact_svd(h, min(m, n), config), "the randomized path (not the exact fallback) is under test"
     frame = compute_frame(W, config, "w")
     U0, S0, V0h = torch.linalg.svd(W.double(), full_matrices=False)
-    assert ((frame.S.double() - S0[:h]) / S0[:h]).abs().max() < 1e-3
-    assert largest_principal_angle(frame.U, U0[:, :h]) < 1e-2
-    assert largest_principal_angle(frame.V, V0h[:h].mT) < 1e-2
+    assert ((frame.S.double() - S0[:h]) / S0[:h]).abs().max() < TOLERANCE["sigma"]
+    assert largest_principal_angle(frame.U, U0[:, :h]) < TOLERANCE["angle"]
+    assert largest_principal_angle(frame.V, V0h[:h].mT) < TOLERANCE["angle"]
 
 
 def test_head_from_fraction_and_energy():
@@ -89,9 +90,9 @@ def test_batched_build_equals_one_by_one():
     taillor.clear_frame_cache()
     for name, w in weights.items():
         single = compute_frame(w, config, name)
-        torch.testing.assert_close(frames[name].S, single.S, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close((frames[name].U * frames[name].S) @ frames[name].V.t(),
-                                   (single.U * single.S) @ single.V.t(), atol=1e-4, rtol=1e-4)
+        assert_close(frames[name].S, single.S, "reordered", f"{name}.S")
+        assert_close((frames[name].U * frames[name].S) @ frames[name].V.t(), (single.U * single.S) @ single.V.t(),
+                     "reordered product", f"{name} U S Vᵀ")
 
 
 def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
@@ -111,3 +112,60 @@ def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
     taillor.clear_frame_cache()
     from_disk = compute_frame(W, config, "w")
     assert len(calls) == 2 and torch.equal(from_disk.S, third.S)
+
+
+def test_frame_cache_size_is_read_when_needed(monkeypatch):
+    """TAILLOR_FRAME_CACHE_MB is read whenever the cache grows, not frozen at import: 0 keeps nothing in memory."""
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    W = torch.randn(20, 30)
+    config = taillor.TailLoRConfig(head=3)
+    taillor.clear_frame_cache()
+    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", "0")
+    compute_frame(W, config, "w")
+    compute_frame(W, config, "w")
+    assert len(calls) == 2
+    monkeypatch.delenv("TAILLOR_FRAME_CACHE_MB")
+    compute_frame(W, config, "w")
+    compute_frame(W, config, "w")
+    assert len(calls) == 3
+    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="TAILLOR_FRAME_CACHE_MB.*'lots'"):
+        compute_frame(W * 2, config, "w")
+    taillor.clear_frame_cache()
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_frame_mode_turns_factors_into_layer_factors_and_back(frame):
+    torch.manual_seed(0)
+    layer = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    mode = layer.frame_mode
+    assert mode is frame_mode(frame) and mode.name == frame
+    P, Q = mode.layer_factors(layer.lora_A, layer.lora_B, layer.frame)
+    assert P.shape == (24, 3) and Q.shape == (20, 3)
+    A, B = mode.trainable_factors(P, Q, layer.frame)
+    assert_close(A, layer.lora_A.detach(), "reordered", "A")
+    assert_close(B, layer.lora_B.detach(), "reordered", "B")
+    U, V = mode.penalty_frame(layer.frame)
+    assert (U is None and V is None) if frame == "full" else (U is layer.frame.U and V is layer.frame.V)
+    k = mode.frame_rank(20, 4)
+    assert k == (20 if frame == "full" else 4) and layer.frame.rank == k
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_tail_init_leaves_no_head_component(frame):
+    layer = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame, init="tail")
+    A = layer.lora_A.detach()
+    if frame == "full":
+        assert torch.count_nonzero(A[:, :4]) == 0 and torch.count_nonzero(A[:, 4:]) > 0
+    else:
+        assert_close(A @ layer.frame.V, torch.zeros(3, 4), "reordered", "A V_h")
+    kaiming = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame,
+                                                init="kaiming")
+    other = kaiming.lora_A.detach()
+    assert torch.count_nonzero(other[:, :4] if frame == "full" else other @ kaiming.frame.V) > 0
+    with pytest.raises(ValueError, match="unknown frame mode 'middle'"):
+        frame_mode("middle")

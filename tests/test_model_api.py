@@ -1,6 +1,7 @@
 """Model API on a transformers BERT built from a config: apply, train, consolidate, save/load, export, merge."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_matches_oracle
+from conftest import assert_close, assert_matches_oracle
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -85,21 +86,21 @@ def test_consolidate_save_load_reproduces_after_two_tasks(tmp_path, frame):
         train_steps(model, seed=task)
         before = outputs(model)
         taillor.consolidate(model)
-        torch.testing.assert_close(outputs(model), before, atol=1e-5, rtol=1e-5)
+        assert_close(outputs(model), before, "reordered", "consolidate")
     train_steps(model, seed=5)
     trained = outputs(model)
     taillor.save_adapter(model, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = taillor.load_adapter(tiny_bert(), str(tmp_path))
-    torch.testing.assert_close(outputs(loaded), trained, atol=1e-4, rtol=0)
+    assert_close(outputs(loaded), trained, "reloaded", "outputs after load")
     for (_, a), (_, b) in zip(taillor.iter_taillor_layers(model), taillor.iter_taillor_layers(loaded)):
         assert b.tasks_consolidated == 2
         assert torch.equal(a.base_layer.weight, b.base_layer.weight)  # replayed folds are bit-exact
-        torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-5, rtol=0)
+        assert_close(a.lora_A, b.lora_A, "reloaded factors", "lora_A")
     # Training continues from the loaded adapter exactly as from the original.
     train_steps(model, steps=1, seed=7)
     train_steps(loaded, steps=1, seed=7)
-    torch.testing.assert_close(outputs(loaded), outputs(model), atol=1e-4, rtol=0)
+    assert_close(outputs(loaded), outputs(model), "reloaded", "a step after load")
 
 
 def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
@@ -112,7 +113,7 @@ def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 8
     served = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
-    torch.testing.assert_close(outputs(served), expected, atol=1e-4, rtol=0)
+    assert_close(outputs(served), expected, "reloaded", "PEFT")
 
 
 def test_merge_and_unload_leaves_plain_linears_with_same_outputs():
@@ -123,7 +124,7 @@ def test_merge_and_unload_leaves_plain_linears_with_same_outputs():
     assert not list(taillor.iter_taillor_layers(plain))
     assert all(type(m) is not taillor.TailLoRLinear for m in plain.modules())
     assert isinstance(plain.encoder.layer[0].attention.self.query, nn.Linear)
-    torch.testing.assert_close(outputs(plain), expected, atol=1e-5, rtol=1e-5)
+    assert_close(outputs(plain), expected, "reordered", "merge_and_unload")
 
 
 def test_merge_unmerge_round_trip_on_a_layer():
@@ -136,16 +137,16 @@ def test_merge_unmerge_round_trip_on_a_layer():
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge()
     assert layer.merged
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert_close(layer(x), y, "reordered", "merged")
     layer.merge()  # idempotent
     layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+    assert_close(layer.base_layer.weight, w0, "weight round trip", "unmerged weight")
+    assert_close(layer(x), y, "reordered", "unmerged")
     layer.merge()
     layer.consolidate()
     assert not layer.merged and layer.tasks_consolidated == 1 and torch.count_nonzero(layer.lora_B) == 0
-    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(layer.pretrained_weight(), w0, atol=1e-6, rtol=0)
+    assert_close(layer(x), y, "reordered", "consolidated")
+    assert_close(layer.pretrained_weight(), w0, "weight round trip", "pretrained weight")
     assert_matches_oracle(layer.learned_delta(), (layer.base_layer.weight - w0).double(), torch.float32)
 
 
@@ -234,7 +235,7 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
     with torch.no_grad():
         got = compiled(**bert_inputs()).last_hidden_state
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_close(got, expected, "reordered", "compiled")
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -259,3 +260,46 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
     checkpointed = grads(lambda: checkpoint(model, x, use_reentrant=use_reentrant))
     for a, b in zip(plain, checkpointed):
         assert torch.equal(a, b)
+
+
+def test_saved_penalty_strength_round_trips_and_is_checked(tmp_path):
+    """Each layer's adapted λ is part of its record: restored on load; an invalid value is rejected up front."""
+    model = taillor.apply_taillor(tiny_bert(), CONFIG)
+    train_steps(model)
+    strengths = {name: float(layer.penalty_strength) for name, layer in taillor.iter_taillor_layers(model)}
+    assert any(value != CONFIG.penalty for value in strengths.values())  # the dual steps moved λ
+    taillor.save_adapter(model, str(tmp_path))
+    loaded = taillor.load_adapter(tiny_bert(), str(tmp_path))
+    assert {name: float(layer.penalty_strength) for name, layer in taillor.iter_taillor_layers(loaded)} == strengths
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    document["layers"]["encoder.layer.1.attention.self.value"]["penalty_strength"] = -1.0
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    fresh = tiny_bert()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"encoder.layer.1.attention.self.value: saved penalty_strength -1.0"):
+        taillor.load_adapter(fresh, str(tmp_path))
+    assert not list(taillor.iter_taillor_layers(fresh))
+    assert all(torch.equal(before[k], v) for k, v in snapshot(fresh).items())
+
+
+def test_layer_record_round_trip_on_one_layer():
+    """export_record / check_record / load_record without the file format: the layer's own record."""
+    from taillor.layer import check_record
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 20)
+    layer = taillor.TailLoRLinear.from_linear(copy.deepcopy(linear), rank=3, head=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.consolidate()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    tensors, meta = layer.export_record()
+    assert set(tensors) == {"lora_P", "lora_Q", "consolidated_up", "consolidated_down"}
+    fresh = taillor.TailLoRLinear.from_linear(copy.deepcopy(linear), rank=3, head=4)
+    check_record("layer", fresh.base_layer, tensors, meta, fresh.config)
+    fresh.load_record(tensors, meta)
+    x = torch.randn(5, 24)
+    assert_close(fresh(x), layer(x), "reloaded", "outputs")
+    assert torch.equal(fresh.base_layer.weight, layer.base_layer.weight)
+    with pytest.raises(ValueError, match=r"layer.lora_Q: saved shape \(20, 2\), expected \(20, 3\)"):
+        check_record("layer", fresh.base_layer, {**tensors, "lora_Q": tensors["lora_Q"][:, :2]}, meta, fresh.config)

@@ -1,4 +1,5 @@
-"""Custom ops: torch.library.opcheck (schema, fake, autograd registration) and torch.compile with inductor."""
+"""Custom ops: torch.library.opcheck (schema, fake, autograd registration) on the eager and the Triton kernels,
+the eager route that skips the dispatcher, tracing, and torch.compile with inductor."""
 from __future__ import annotations
 
 import pytest
@@ -43,23 +44,6 @@ def test_opcheck_projection_and_penalty():
     Bh = torch.randn(10, 3, generator=g, requires_grad=True)
     torch.library.opcheck(ops.spectral_penalty_fwd, (Ah, Bh, U[:, :4], V[:, :4], w[:4], 0.5))
     torch.library.opcheck(ops.randomized_svd_op, (torch.randn(2, 20, 16, generator=g), 4, 1, 4, 0))
-
-
-def test_projection_in_activation_dtype_matches_float64_oracle():
-    """P, Q written in bf16 straight from the fp32 frame; gradients reach fp32 A and B."""
-    g = torch.Generator().manual_seed(4)
-    A = torch.randn(3, 8, generator=g, requires_grad=True)
-    B = torch.randn(8, 3, generator=g, requires_grad=True)
-    U, V = torch.linalg.qr(torch.randn(10, 8, generator=g)).Q, torch.linalg.qr(torch.randn(12, 8, generator=g)).Q
-    P, Q = taillor.spectral_projection(A, B, U, V, out_dtype=torch.bfloat16)
-    assert P.dtype == Q.dtype == torch.bfloat16
-    assert_matches_oracle(P, V.double() @ A.detach().double().t(), torch.bfloat16, "P")
-    assert_matches_oracle(Q, U.double() @ B.detach().double(), torch.bfloat16, "Q")
-    dP, dQ = torch.randn(12, 3, generator=g).bfloat16(), torch.randn(10, 3, generator=g).bfloat16()
-    dA, dB = torch.autograd.grad((P, Q), (A, B), (dP, dQ))
-    assert dA.dtype == dB.dtype == torch.float32
-    assert_matches_oracle(dA, dP.double().t() @ V.double(), torch.bfloat16, "dA")
-    assert_matches_oracle(dB, U.double().t() @ dQ.double(), torch.bfloat16, "dB")
 
 
 def _ops_dispatched(fn) -> set[str]:
@@ -144,3 +128,23 @@ def test_info_reports_backends_and_extension():
     assert data["adapter_route"] in ("split", "fused") and set(data["ops"]) == set(ops.OPS)
     from taillor.cli import main
     assert main(["info"]) == 0
+
+
+@pytest.mark.parametrize("route", ["split", "fused"])
+def test_opcheck_with_triton_kernels(triton_layer_device, route):
+    """The Triton kernels behind the custom ops pass opcheck too (schema, fake, autograd registration)."""
+    device = triton_layer_device
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, generator=g).to(device).requires_grad_(True)
+    W, b = torch.randn(9, 12, generator=g).to(device), torch.randn(9, generator=g).to(device)
+    P = torch.randn(12, 3, generator=g).to(device).requires_grad_(True)
+    Q = torch.randn(9, 3, generator=g).to(device).requires_grad_(True)
+    A = torch.randn(3, 8, generator=g).to(device).requires_grad_(True)
+    B = torch.randn(8, 3, generator=g).to(device).requires_grad_(True)
+    U = torch.linalg.qr(torch.randn(9, 8, generator=g)).Q.to(device)
+    V = torch.linalg.qr(torch.randn(12, 8, generator=g)).Q.to(device)
+    w = torch.rand(8, generator=g).to(device)
+    with taillor.use_backend("triton", adapter=route):
+        torch.library.opcheck(ops.tail_adapter_fwd, (x, W, b, P, Q, 0.5, None))
+        torch.library.opcheck(ops.spectral_projection_fwd, (A, B, U, V, None))
+        torch.library.opcheck(ops.spectral_penalty_fwd, (A, B, None, None, w, 0.5))

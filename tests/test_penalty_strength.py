@@ -1,4 +1,4 @@
-"""The head-share target: the adapted λ enters DESIGN's penalty formula unchanged (float64 oracle), the share
+"""The head-share target: the adapted λ enters the reference penalty formula unchanged (float64 oracle), the share
 matches its dense definition, the dual step moves λ the right way once per optimizer step, and one target gives
 the same head share across learning rates and alpha where a fixed λ does not."""
 from __future__ import annotations

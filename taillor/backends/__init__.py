@@ -81,6 +81,11 @@ def register_impl(op: str, backend: str, devices: tuple[str, ...], load: Callabl
     _resolve.cache_clear()
 
 
+def implementations(op: str) -> tuple[Impl, ...]:
+    """Every registered implementation of ``op``, in registration order (the order ``auto`` tries them)."""
+    return tuple(_REGISTRY.get(op, ()))
+
+
 def registered(op: Optional[str] = None) -> dict[str, list[str]]:
     """{op: [backend names]} of every registered op (or of ``op`` only)."""
     ops = [op] if op is not None else sorted(_REGISTRY)

@@ -6,13 +6,23 @@ from __future__ import annotations
 import torch
 
 from .. import backends as registry
+from ..eager.randomized_svd import sketch_error
 from . import register_impl
 
 
 def randomized_svd(A, k, niter, oversample, seed):
-    """The extension on A (..., m, n): it takes one batch dimension, so leading dims are flattened and restored."""
+    """The extension on A (..., m, n): it takes one batch dimension, so leading dims are flattened and restored.
+
+    Its only ValueError for arguments taillor.randomized_svd has validated is a NaN or Inf in the sketch A Ω:
+    re-raised as :func:`sketch_error` says (NaN/Inf in A, or a finite A whose sketch overflowed)."""
     batch = A.shape[:-2]
-    U, S, V = registry.cuda_extension().randomized_svd(A.reshape(-1, *A.shape[-2:]).contiguous(), k, niter, oversample, seed)
+    try:
+        U, S, V = registry.cuda_extension().randomized_svd(A.reshape(-1, *A.shape[-2:]).contiguous(), k, niter,
+                                                           oversample, seed)
+    except ValueError as err:
+        if "NaN or Inf" not in str(err):
+            raise
+        raise sketch_error(A) from err
     return U.reshape(*batch, *U.shape[-2:]), S.reshape(*batch, k), V.reshape(*batch, *V.shape[-2:])
 
 

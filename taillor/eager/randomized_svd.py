@@ -14,7 +14,8 @@ triangular solve in the working dtype, twice — which is cheap (GEMMs) and orth
 cond(Y) < ~1e6; for worse-conditioned or rank-deficient Y (the Cholesky fails or its diagonal spans more than
 1e6) it falls back to Householder QR. fp16/bf16 inputs are computed in float32; float64 stays float64.
 Non-finite input is detected on the sketch A Ω (a NaN or Inf in A reaches it with probability 1), which costs a
-pass over m×l numbers instead of m×n.
+pass over m×l numbers instead of m×n; only then is A itself read, to tell a NaN or Inf in A from a finite A whose
+sketch overflowed the compute dtype (:func:`sketch_error`).
 """
 from __future__ import annotations
 
@@ -46,16 +47,27 @@ def orthonormalize(Y: Tensor, passes: int = 2) -> Tensor:
     return Q
 
 
+def sketch_error(A: Tensor) -> ValueError:
+    """The error for a non-finite sketch A Ω, saying what happened: A has NaN or Inf entries, or A is finite and
+    the sketch overflowed (entries near the dtype's maximum; the singular vectors do not depend on A's scale)."""
+    if not bool(torch.isfinite(A).all()):
+        return ValueError("randomized_svd: the input has non-finite entries (NaN or Inf)")
+    compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return ValueError(f"randomized_svd: the input is finite, but its random sketch overflowed {compute_dtype} "
+                      f"(largest |entry| {float(A.abs().max()):.3g}); scale the matrix down (its singular values "
+                      f"scale with it, its singular vectors do not change) or pass it in float64")
+
+
 def randomized_svd(A: Tensor, k: int, niter: int, oversample: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    A = A.to(compute_dtype)
+    original, A = A, A.to(compute_dtype)
     m, n = A.shape[-2:]
     sketch = min(k + oversample, m, n)
     generator = torch.Generator(device=A.device).manual_seed(seed)
     omega = torch.randn(n, sketch, generator=generator, device=A.device, dtype=compute_dtype)
     Y = A @ omega
     if not bool(torch.isfinite(Y).all()):
-        raise ValueError("randomized_svd: the input has non-finite entries (NaN or Inf)")
+        raise sketch_error(original)
     Q = orthonormalize(Y, passes=1 if niter else 2)
     for step in range(niter):
         Q = orthonormalize(A @ orthonormalize(A.mT @ Q, passes=1), passes=1 if step < niter - 1 else 2)

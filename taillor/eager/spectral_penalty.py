@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
+
+
+def _in_compute_dtype(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
+                      omega2: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """A, B, U, V in the dtype the penalty is computed in: theirs, or ω²'s when it is wider (float16/bfloat16
+    factors with float32 ω² are computed in float32, as the Triton kernel does). A no-op for float32 factors."""
+    dtype = torch.promote_types(A.dtype, omega2.dtype)
+    return A.to(dtype), B.to(dtype), None if U is None else U.to(dtype), None if V is None else V.to(dtype)
 
 
 def _head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -25,17 +34,20 @@ def _head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Ten
 
 def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
                              coeff: float) -> Tensor:
+    out_dtype = A.dtype
+    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
     B_h, A_h = _head_coordinates(A, B, U, V)
     gram_A = A @ A.t()
     gram_B = B.t() @ B
     left = (B_h.t() * omega2) @ B_h
     right = (A_h * omega2) @ A_h.t()
-    # ω² may be float32 for bf16/fp16 factors: the value is computed in the promoted dtype and returned in A's.
-    return (coeff * ((left * gram_A).sum() + (gram_B * right).sum())).to(A.dtype)
+    return (coeff * ((left * gram_A).sum() + (gram_B * right).sum())).to(out_dtype)
 
 
 def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                               omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
+    out_dtype = A.dtype
+    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
     B_h, A_h = _head_coordinates(A, B, U, V)
     factor = 2.0 * coeff * grad
     gram_A = A @ A.t()
@@ -50,4 +62,4 @@ def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Te
     else:
         dA = left @ A + (gram_B @ weighted_A_h) @ V.t()
         dB = U @ (weighted_B_h @ gram_A) + B @ right
-    return (dA * factor).to(A.dtype), (dB * factor).to(B.dtype)
+    return (dA * factor).to(out_dtype), (dB * factor).to(out_dtype)

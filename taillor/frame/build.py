@@ -1,0 +1,163 @@
+"""Building frames: many weights at once — checked, head sizes resolved, cached frames reused, the rest grouped by
+shape and decomposed as one batched SVD per group, and with torch.distributed initialized sharded across ranks
+(each rank computes its share and broadcasts it).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from ..config import TailLoRConfig
+from ..functional import canonicalize_signs, randomized_svd
+from .cache import FRAME_CACHE, cache_key
+from .modes import FrameMode, frame_mode
+from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, head_from_count, head_from_energy,
+                       head_svd_settings, head_uses_exact_svd, penalty_weights)
+
+
+def compute_frame(weight: Tensor, config: TailLoRConfig, where: str = "layer") -> SpectralFrame:
+    """The frame of one weight (d_out, d_in) under ``config``; see :func:`build_frames`."""
+    return build_frames({where: weight}, config)[where]
+
+
+def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
+                 progress: bool = False) -> dict[str, SpectralFrame]:
+    """Frames of many weights (name -> (d_out, d_in) tensor) under ``config``, computed in batches.
+
+    Weights are checked first (2-D, finite; ValueError naming the layer), then h is resolved per layer, cached
+    frames are reused, and the rest are grouped by (shape, dtype, device, h) and decomposed as one batched SVD
+    per group. With torch.distributed initialized, each rank computes the groups of its share of the layers and
+    broadcasts them, so every rank ends with every frame.
+    """
+    for where, weight in weights.items():
+        if weight.dim() != 2:
+            raise ValueError(f"{where}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{where}: the weight has non-finite entries (NaN or Inf); no frame can be built")
+    # Full frame with head_energy: h only sets the penalty weights, so it comes from the frame's own singular
+    # values (a cached frame or the one SVD below) instead of a separate svdvals of every weight.
+    mode = frame_mode(config.frame)
+    h_from_frame = mode.full_spectrum and config.head_energy is not None
+    heads = {where: None if h_from_frame else _head_size(w, config, where) for where, w in weights.items()}
+    keys = {where: cache_key(w, config) for where, w in weights.items()}
+    entries = {where: FRAME_CACHE.get(keys[where], config.frame_cache_dir) for where in weights}
+    missing = sorted(where for where, entry in entries.items() if entry is None)
+    rank, world = _distributed_rank_world()
+    owners = {where: i % world for i, where in enumerate(missing)}
+    groups: dict[tuple, list[str]] = {}
+    for where in missing:
+        if owners[where] == rank:
+            w = weights[where]
+            groups.setdefault((tuple(w.shape), w.dtype, str(w.device), heads[where]), []).append(where)
+    bar = _progress(sum(len(g) for g in groups.values()), progress)
+    for (_, _, _, h), names in groups.items():
+        for chunk in _chunks(names, weights):
+            stacked = torch.stack([weights[where].detach() for where in chunk])
+            U, S, V = _decompose(stacked, h, config, mode)
+            for i, where in enumerate(chunk):
+                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), h)
+            bar.update(len(chunk))
+    bar.close()
+    if world > 1:
+        _broadcast_frames(missing, owners, entries, weights, heads, mode)
+    for where in missing:
+        if h_from_frame:  # on every rank, so that a head_energy that leaves no tail raises on all of them
+            entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
+        # The disk cache is written by the rank that computed the frame.
+        FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
+    return {where: SpectralFrame(*(t.clone() for t in entries[where][:3]), entries[where][3],
+                                 penalty_weights(entries[where][1], entries[where][3], config.penalty_weighting),
+                                 config.frame)
+            for where in weights}
+
+
+def _frame_dtype(weight: Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def _exact_svd(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    U, S, Vh = torch.linalg.svd(weights.to(_frame_dtype(weights)), full_matrices=False)
+    U, V = canonicalize_signs(U, Vh.mT)
+    return U, S, V
+
+
+def _decompose(weights: Tensor, h: int, config: TailLoRConfig, mode: FrameMode) -> tuple[Tensor, Tensor, Tensor]:
+    """Frames of a batch (b, d_out, d_in) of same-shape weights sharing the head size h."""
+    m = min(weights.shape[-2:])
+    if mode.full_spectrum:
+        return _exact_svd(weights)
+    if head_uses_exact_svd(h, m, config):
+        U, S, V = _exact_svd(weights)
+        return U[..., :h], S[..., :h], V[..., :h]
+    oversample, niter = head_svd_settings(h, config)
+    U, S, V = randomized_svd(weights, h, niter=niter, oversample=oversample, seed=config.seed)
+    dtype = _frame_dtype(weights)
+    return U.to(dtype), S.to(dtype), V.to(dtype)
+
+
+def _head_size(weight: Tensor, config: TailLoRConfig, where: str) -> int:
+    m = min(weight.shape)
+    if config.head_energy is None:
+        return head_from_count(config, m, where)
+    total = float(weight.double().pow(2).sum())
+    k = min(m, 64)
+    while True:
+        if k == m:
+            return _head_from_energy(torch.linalg.svdvals(weight.to(_frame_dtype(weight))), config, where)
+        S = randomized_svd(weight, k, niter=HEAD_NITER, oversample=max(HEAD_MIN_OVERSAMPLE, 2 * k))[1]
+        h = head_from_energy(S, total, config.head_energy) if total > 0 else 1
+        if h <= len(S):
+            return _checked_head(h, m, config, where)
+        k = min(m, 2 * k)
+
+
+def _head_from_energy(S: Tensor, config: TailLoRConfig, where: str) -> int:
+    """h from every singular value of a weight (their squares sum to its energy)."""
+    total = float(S.double().pow(2).sum())
+    return _checked_head(head_from_energy(S, total, config.head_energy) if total > 0 else 1, len(S), config, where)
+
+
+def _checked_head(h: int, m: int, config: TailLoRConfig, where: str) -> int:
+    if not 1 <= h < m:
+        raise ValueError(f"{where}: head_energy={config.head_energy!r} gives h={h}, but h must satisfy "
+                         f"1 <= h < min(d_out, d_in)={m}")
+    return h
+
+
+_MAX_BATCH_BYTES = 1 << 30
+
+
+def _chunks(names: list[str], weights: Mapping[str, Tensor]):
+    """Split a same-shape group so that a stacked batch stays under 1 GiB."""
+    per = max(1, _MAX_BATCH_BYTES // max(1, weights[names[0]].numel() * 4))
+    for i in range(0, len(names), per):
+        yield names[i:i + per]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    # disable=None: shown on a terminal only, so logs and CI stay clean.
+    return tqdm(total=total, desc="taillor frames", unit="layer", disable=True if (not enabled or total == 0) else None)
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_frames(missing, owners, entries, weights, heads, mode: FrameMode) -> None:
+    import torch.distributed as dist
+    for where in missing:
+        w = weights[where]
+        d_out, d_in = w.shape
+        k = mode.frame_rank(min(d_out, d_in), heads[where])
+        dtype = _frame_dtype(w)
+        if entries[where] is None:
+            entries[where] = (w.new_empty(d_out, k, dtype=dtype), w.new_empty(k, dtype=dtype),
+                              w.new_empty(d_in, k, dtype=dtype), heads[where])
+        for t in entries[where][:3]:
+            dist.broadcast(t, src=owners[where])
