@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import taillor
+from conftest import assert_close
 
 transformers = pytest.importorskip("transformers")
 from taillor.hf_trainer import CausalLMCollator, TailLoRTrainer, train_tasks  # noqa: E402
@@ -61,7 +62,7 @@ def test_padded_batch_loss_is_the_mean_over_real_tokens_only():
             logits = model(input_ids=ids).logits[0, :-1].double()
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
             count += ids.shape[1] - 1
-    torch.testing.assert_close(loss.double(), torch.tensor(total / count, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    assert_close(loss.double(), torch.tensor(total / count, dtype=torch.float64), "reordered", "batch loss")
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -107,7 +108,7 @@ def test_penalty_enters_once_per_optimizer_step_with_gradient_accumulation(tmp_p
     moved = 0.0
     for name in start:
         # SGD, lr 0.1: the two runs differ by exactly one step along the penalty's gradient
-        torch.testing.assert_close(with_penalty[name] - task_only[name], -0.1 * grads[name], atol=1e-6, rtol=1e-4)
+        assert_close(with_penalty[name] - task_only[name], -0.1 * grads[name], "optimizer step", name)
         moved = max(moved, float((with_penalty[name] - start[name]).abs().max()))
     assert moved > 1e-3
 
@@ -116,7 +117,7 @@ def test_accumulated_step_equals_the_full_batch_step(tmp_path):
     accumulated = _one_step(TailLoRTrainer, tmp_path / "a", batch=2, accumulation=2)
     full_batch = _one_step(TailLoRTrainer, tmp_path / "b", batch=4, accumulation=1)
     for name in accumulated:
-        torch.testing.assert_close(accumulated[name], full_batch[name], atol=1e-6, rtol=1e-5)
+        assert_close(accumulated[name], full_batch[name], "optimizer step", name)
 
 
 def test_train_tasks_calls_end_task_after_each_task():
