@@ -77,6 +77,11 @@ def test_frontier_grid_sweeps_every_method():
     for p in points:
         if p.method.startswith("taillor"):
             p.settings(TINY).taillor_config("full", 0)  # every TailLoR point is a valid config
+    quick = frontier.frontier_points(TINY, quick=True)
+    assert set(quick) < set(points) and {p.method for p in quick} == {p.method for p in points} - {"full-ft"}
+    for method in ("taillor-full", "taillor-head"):  # the strength sweep, λ = 0 included
+        strengths = {p.label for p in quick if p.method == method}
+        assert "λ=0" in strengths and len(strengths) == 4
 
 
 @pytest.mark.parametrize("argv, match", [(["--seeds", "0"], "seeds"), (["--methods", "nope"], "unknown method"),

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"small run: {QUICK.seeds} seed, {QUICK.steps} steps/task; <= 5 min on 2 CPU cores")
     p.add_argument("--frontier", action="store_true",
                    help="sweep every method's strength and write the stability-plasticity frontier "
-                        "(with --quick: 1 seed, <= 15 min on 2 cores; else 3 seeds)")
+                        "(with --quick: 1 seed, the strength sweeps only, <= 15 min on 2 cores; else 3 seeds and "
+                        "learning-rate, head and full fine-tuning points too)")
     p.add_argument("--robustness", action="store_true",
                    help="TailLoR at the default and at λ = 0 with lr and steps ×0.5/×2 and alpha ×2, both frames, "
                         "next to the frozen reference")
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.frontier:
             from .frontier import run_frontier
-            run_frontier(settings, out)
+            run_frontier(settings, out, quick=args.quick)
         elif args.robustness:
             from .frontier import run_robustness
             run_robustness(settings, out)
