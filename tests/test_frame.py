@@ -114,6 +114,24 @@ def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
     assert len(calls) == 2 and torch.equal(from_disk.S, third.S)
 
 
+def test_full_and_head_frames_share_one_exact_svd(monkeypatch):
+    """A head frame cut from the exact SVD reuses the full frame's decomposition (any seed or head), and equals
+    the top-h triplets of it."""
+    taillor.clear_frame_cache()
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    W = torch.randn(20, 30)
+    full = compute_frame(W, taillor.TailLoRConfig(head=3), "w")
+    heads = [compute_frame(W, taillor.TailLoRConfig(frame="head", head=h, seed=seed), "w")
+             for h, seed in ((8, 0), (8, 1), (9, 0))]
+    assert len(calls) == 1
+    for head in heads:
+        h = head.head_size
+        assert head.U.shape == (20, h) and torch.equal(head.U, full.U[:, :h]) and torch.equal(head.S, full.S[:h])
+    taillor.clear_frame_cache()
+
+
 def test_frame_cache_size_is_read_when_needed(monkeypatch):
     """TAILLOR_FRAME_CACHE_MB is read whenever the cache grows, not frozen at import: 0 keeps nothing in memory."""
     calls = []

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..config import TailLoRConfig
 from ..functional import canonicalize_signs, randomized_svd
 from .cache import FRAME_CACHE, cache_key
-from .modes import FrameMode, frame_mode
+from .modes import frame_mode
 from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, head_from_count, head_from_energy,
                        head_svd_settings, head_uses_exact_svd, penalty_weights)
 
@@ -41,7 +41,10 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     mode = frame_mode(config.frame)
     h_from_frame = mode.full_spectrum and config.head_energy is not None
     heads = {where: None if h_from_frame else _head_size(w, config, where) for where, w in weights.items()}
-    keys = {where: cache_key(w, config) for where, w in weights.items()}
+    # One exact SVD per weight serves the full frame and every head frame cut from it.
+    exact = {where: mode.full_spectrum or head_uses_exact_svd(heads[where], min(w.shape), config)
+             for where, w in weights.items()}
+    keys = {where: cache_key(w, config, exact[where]) for where, w in weights.items()}
     entries = {where: FRAME_CACHE.get(keys[where], config.frame_cache_dir) for where in weights}
     missing = sorted(where for where, entry in entries.items() if entry is None)
     rank, world = _distributed_rank_world()
@@ -50,27 +53,32 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     for where in missing:
         if owners[where] == rank:
             w = weights[where]
-            groups.setdefault((tuple(w.shape), w.dtype, str(w.device), heads[where]), []).append(where)
+            h = None if exact[where] else heads[where]
+            groups.setdefault((tuple(w.shape), w.dtype, str(w.device), h), []).append(where)
     bar = _progress(sum(len(g) for g in groups.values()), progress)
     for (_, _, _, h), names in groups.items():
         for chunk in _chunks(names, weights):
             stacked = torch.stack([weights[where].detach() for where in chunk])
-            U, S, V = _decompose(stacked, h, config, mode)
+            U, S, V = _exact_svd(stacked) if h is None else _sketched_svd(stacked, h, config)
             for i, where in enumerate(chunk):
-                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), h)
+                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous())
             bar.update(len(chunk))
     bar.close()
     if world > 1:
-        _broadcast_frames(missing, owners, entries, weights, heads, mode)
+        _broadcast_frames(missing, owners, entries, weights, heads, exact)
     for where in missing:
-        if h_from_frame:  # on every rank, so that a head_energy that leaves no tail raises on all of them
-            entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
-    return {where: SpectralFrame(*(t.clone() for t in entries[where][:3]), entries[where][3],
-                                 penalty_weights(entries[where][1], entries[where][3], config.penalty_weighting),
-                                 config.frame)
-            for where in weights}
+    frames = {}
+    for where in weights:
+        U, S, V = entries[where]
+        # from the frame's own spectrum on every rank, so that a head_energy leaving no tail raises on all of them
+        h = _head_from_energy(S, config, where) if h_from_frame else heads[where]
+        k = mode.frame_rank(min(weights[where].shape), h)
+        U, S, V = U[:, :k], S[:k], V[:, :k]
+        frames[where] = SpectralFrame(U.clone(), S.clone(), V.clone(), h,
+                                      penalty_weights(S, h, config.penalty_weighting), config.frame)
+    return frames
 
 
 def _frame_dtype(weight: Tensor) -> torch.dtype:
@@ -83,14 +91,8 @@ def _exact_svd(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, V
 
 
-def _decompose(weights: Tensor, h: int, config: TailLoRConfig, mode: FrameMode) -> tuple[Tensor, Tensor, Tensor]:
-    """Frames of a batch (b, d_out, d_in) of same-shape weights sharing the head size h."""
-    m = min(weights.shape[-2:])
-    if mode.full_spectrum:
-        return _exact_svd(weights)
-    if head_uses_exact_svd(h, m, config):
-        U, S, V = _exact_svd(weights)
-        return U[..., :h], S[..., :h], V[..., :h]
+def _sketched_svd(weights: Tensor, h: int, config: TailLoRConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-h triplets of a batch (b, d_out, d_in) of same-shape weights by the randomized SVD."""
     oversample, niter = head_svd_settings(h, config)
     U, S, V = randomized_svd(weights, h, niter=niter, oversample=oversample, seed=config.seed)
     dtype = _frame_dtype(weights)
@@ -149,15 +151,15 @@ def _distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast_frames(missing, owners, entries, weights, heads, mode: FrameMode) -> None:
+def _broadcast_frames(missing, owners, entries, weights, heads, exact) -> None:
     import torch.distributed as dist
     for where in missing:
         w = weights[where]
         d_out, d_in = w.shape
-        k = mode.frame_rank(min(d_out, d_in), heads[where])
+        k = min(d_out, d_in) if exact[where] else heads[where]
         dtype = _frame_dtype(w)
         if entries[where] is None:
             entries[where] = (w.new_empty(d_out, k, dtype=dtype), w.new_empty(k, dtype=dtype),
-                              w.new_empty(d_in, k, dtype=dtype), heads[where])
-        for t in entries[where][:3]:
+                              w.new_empty(d_in, k, dtype=dtype))
+        for t in entries[where]:
             dist.broadcast(t, src=owners[where])

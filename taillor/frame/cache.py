@@ -3,7 +3,9 @@ adapter, so they are cached by a digest of the weight (a changed weight never re
 bounded by ``TAILLOR_FRAME_CACHE_MB`` (default 1024, read whenever the cache grows), and on disk as
 safetensors under ``config.frame_cache_dir`` when it is set.
 
-An entry is (U, S, V, h) of one weight.
+An entry is the decomposition (U, S, V) of one weight. Exact SVDs are keyed by the weight alone, so the full
+frame and every head frame cut from the exact SVD (whatever their head, seed or weighting) share one entry;
+randomized head frames are keyed by the weight and every setting that shapes the sketch.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from torch import Tensor
 
 from .._files import atomic_save_safetensors
 from ..config import TailLoRConfig
-from .modes import frame_mode
 
 DEFAULT_CACHE_MB = 1024
 
@@ -32,12 +33,13 @@ def weight_digest(weight: Tensor) -> str:
     return hasher.hexdigest()
 
 
-def cache_key(weight: Tensor, config: TailLoRConfig) -> str:
-    """The key of ``weight``'s frame under ``config``: its digest and every setting that shapes the frame."""
-    seed = None if frame_mode(config.frame).full_spectrum else config.seed  # only the randomized SVD is seeded
-    shaping = (config.frame, config.head, config.head_energy, config.svd_oversample, config.svd_niter, seed,
-               str(weight.device))
-    return f"{weight_digest(weight)}-{hashlib.blake2b(repr(shaping).encode(), digest_size=8).hexdigest()}"
+def cache_key(weight: Tensor, config: TailLoRConfig, exact: bool) -> str:
+    """The key of ``weight``'s decomposition: its digest and device, and for a randomized (not ``exact``) SVD
+    every setting of ``config`` that shapes the sketch."""
+    shaping = (str(weight.device),) if exact else (
+        str(weight.device), config.head, config.head_energy, config.svd_oversample, config.svd_niter, config.seed)
+    kind = "exact" if exact else "sketch"
+    return f"{weight_digest(weight)}-{kind}-{hashlib.blake2b(repr(shaping).encode(), digest_size=8).hexdigest()}"
 
 
 def cache_limit_bytes() -> int:
@@ -63,7 +65,7 @@ class FrameCache:
 
     @staticmethod
     def _nbytes(entry) -> int:
-        return sum(t.numel() * t.element_size() for t in entry[:3])
+        return sum(t.numel() * t.element_size() for t in entry)
 
     def get(self, key: str, cache_dir: Optional[str]):
         """The entry of ``key`` from memory, else from ``cache_dir``, else None."""
@@ -76,7 +78,7 @@ class FrameCache:
             if os.path.exists(path):
                 from safetensors.torch import load_file
                 data = load_file(path)
-                entry = (data["U"], data["S"], data["V"], int(data["head_size"]))
+                entry = (data["U"], data["S"], data["V"])
                 self._remember(key, entry)
                 return entry
         return None
@@ -86,9 +88,7 @@ class FrameCache:
         self._remember(key, entry)
         if cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
-            U, S, V, h = entry
-            atomic_save_safetensors({"U": U.cpu().contiguous(), "S": S.cpu().contiguous(),
-                                     "V": V.cpu().contiguous(), "head_size": torch.tensor(h)},
+            atomic_save_safetensors({name: t.cpu().contiguous() for name, t in zip("USV", entry)},
                                     os.path.join(cache_dir, f"frame-{key}.safetensors"))
 
     def _remember(self, key: str, entry) -> None:
