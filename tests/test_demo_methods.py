@@ -72,8 +72,9 @@ def test_frontier_grid_sweeps_every_method():
                                           "full-ft"}
     for method in ("lora-merged", "lora-continued"):
         assert len({dict(p.overrides)["lr_lora"] for p in points if p.method == method}) >= 3  # tuned, not fixed
-    taillor_lrs = {p.settings(TINY).lr for p in points if p.method == "taillor-full"}
-    assert len(taillor_lrs) == 3 and TINY.lr in taillor_lrs
+    for method in ("taillor-full", "taillor-head"):  # each frame's own learning rate, ×0.3 and ×3
+        taillor_lrs = {p.settings(TINY).lr_of(method) for p in points if p.method == method}
+        assert len(taillor_lrs) == 3 and TINY.lr_of(method) in taillor_lrs
     for p in points:
         if p.method.startswith("taillor"):
             p.settings(TINY).taillor_config("full", 0)  # every TailLoR point is a valid config
@@ -97,6 +98,8 @@ def test_command_line_fixed_penalty_and_overrides():
                                                       "3e-3"]))
     cfg = s.taillor_config("head", 0)
     assert cfg.head_share_target is None and cfg.penalty == 3.0 and s.lr_lora == 3e-3
+    both = settings_from_args(build_parser().parse_args(["--lr", "2e-3", "--lr-taillor-head", "5e-4"]))
+    assert both.lr_of("taillor-full") == 2e-3 and both.lr_of("taillor-head") == 5e-4  # the specific flag wins
     assert settings_from_args(build_parser().parse_args(["--penalty", "0"])).taillor_config("full", 0).penalty == 0
 
 
@@ -105,7 +108,8 @@ def test_robustness_table_says_whether_the_default_lies_between_frozen_and_no_pe
     labels = {(p.method, p.label) for p in points}
     assert ("frozen", "steps ×2") in labels and ("taillor-head", "λ=0, alpha ×2") in labels
     doubled = next(p for p in points if p.method == "taillor-full" and p.label == "default, lr ×2")
-    assert doubled.settings(TINY).lr == 2 * TINY.lr
+    assert doubled.settings(TINY).lr_taillor_full == 2 * TINY.lr_taillor_full
+    assert doubled.settings(TINY).lr_taillor_head == TINY.lr_taillor_head
 
     def row(method, label, plasticity, r1, cos):
         return {"method": method, "label": label, "plasticity": (plasticity, 0), "r1_retention": (r1, 0),

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .settings import LABELS, DemoSettings
+from .settings import LABELS, LR_FIELDS, DemoSettings
 
 __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontier", "run_robustness", "run_points",
            "dominated", "format_frontier", "format_robustness"]
@@ -62,15 +62,16 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
     """The grid: every method's sweep, TailLoR around ``settings`` (its head, strength and learning rate);
     ``quick``: the strength sweeps of TailLoR and LoRA only."""
     points = [FrontierPoint("frozen", "frozen")]
-    default = f"default (ρ={settings.head_share_target:g}, head {settings.head:g}, lr {settings.lr:g})"
     for method in ("taillor-full", "taillor-head"):
+        default = (f"default (ρ={settings.head_share_target:g}, head {settings.head:g}, "
+                   f"lr {settings.lr_of(method):g})")
         for name, overrides in TAILLOR_STRENGTHS:
             points.append(FrontierPoint(method, default if name == "default" else name,
                                         tuple(sorted(overrides.items()))))
         for name, overrides in () if quick else TAILLOR_VARIANTS:
             if "lr" in overrides:
                 factor = float(overrides["lr"].lstrip("×"))
-                overrides = {"lr": settings.lr * factor}
+                overrides = {LR_FIELDS[method]: settings.lr_of(method) * factor}
             points.append(FrontierPoint(method, name, tuple(sorted(overrides.items()))))
     for method in ("lora-merged", "lora-continued"):
         points += [FrontierPoint(method, f"lr {lr:g}", (("lr_lora", lr),)) for lr in LORA_LRS]
@@ -82,13 +83,16 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
 def robustness_points(settings: DemoSettings) -> list[FrontierPoint]:
     """TailLoR at the library default next to λ = 0, both frames, with the adapter learning rate and the steps
     per task halved and doubled and alpha doubled; the frozen reference at each step count."""
-    variants = [("as set", ()), ("lr ×0.5", (("lr", settings.lr / 2),)), ("lr ×2", (("lr", settings.lr * 2),)),
+    def variants(method):
+        field, lr = LR_FIELDS[method], settings.lr_of(method)
+        return [("as set", ()), ("lr ×0.5", ((field, lr / 2),)), ("lr ×2", ((field, lr * 2),)),
                 ("steps ×0.5", (("steps", max(1, settings.steps // 2)),)),
                 ("steps ×2", (("steps", settings.steps * 2),)), ("alpha ×2", (("alpha", settings.alpha * 2),))]
-    points = [FrontierPoint("frozen", name, overrides) for name, overrides in variants
+
+    points = [FrontierPoint("frozen", name, overrides) for name, overrides in variants("taillor-head")
               if name in ("as set", "steps ×0.5", "steps ×2")]
     for method in ("taillor-full", "taillor-head"):
-        for name, overrides in variants:
+        for name, overrides in variants(method):
             points.append(FrontierPoint(method, f"default, {name}", overrides))
             points.append(FrontierPoint(method, f"λ=0, {name}", tuple(sorted(overrides + (("penalty", 0.0),)))))
     return points

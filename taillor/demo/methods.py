@@ -51,8 +51,7 @@ class Method:
 
     @property
     def lr(self) -> float:
-        return {"full-ft": self.s.lr_full, "lora-continued": self.s.lr_lora,
-                "lora-merged": self.s.lr_lora}.get(self.name, self.s.lr)
+        return self.s.lr_of(self.name)
 
     def parameters(self):
         return [p for p in self.net.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ row (fortune file, UI-string language, stdlib package; see :mod:`taillor.demo.da
 frozen after its task. After each task every task so far is evaluated (the accuracy matrix R) and two
 pre-trained skills are probed on held-out text: docstring -> code retrieval R@1 and the cosine similarity of
 embeddings to the base model's. The methods (:mod:`taillor.demo.settings`) share rank, targets, steps, batches
-and head learning rate:
+and head learning rate; each trains its encoder at its own tuned learning rate (``--lr-*``):
 
 * ``frozen``         the reference: the encoder stays as loaded, only the task heads train
 * ``taillor-full``   TailLoR, full spectral frame, penalty, consolidated after each task
@@ -13,7 +13,7 @@ and head learning rate:
 * ``lora-continued`` PEFT LoRA, one adapter trained across all tasks
 * ``lora-merged``    PEFT LoRA, merged into the weights and restarted after each task (TailLoR's consolidation
   without the spectral frame and penalty)
-* ``full-ft``        full fine-tuning of every weight (its own, smaller learning rate: ``--lr-full``)
+* ``full-ft``        full fine-tuning of every weight
 
 Every method is reported next to the frozen reference: plasticity = ACC − ACC(frozen), and retention (R@1 kept,
 cosine to base, head share of ‖ΔW‖²). ``--frontier`` sweeps each method's strength instead
@@ -161,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("head", float, "TailLoR head (fraction of the spectrum)"),
                              ("penalty", float, "TailLoR penalty λ (0: no penalty); the starting λ with a target"),
                              ("head-share-target", float, "TailLoR target head share of ||ΔW||²"),
-                             ("lr", float, "TailLoR learning rate"), ("lr-lora", float, "PEFT LoRA learning rate"),
+                             ("lr", float, "TailLoR learning rate, both frames"),
+                             ("lr-taillor-full", float, "TailLoR learning rate, full frame"),
+                             ("lr-taillor-head", float, "TailLoR learning rate, head frame"),
+                             ("lr-lora", float, "PEFT LoRA learning rate"),
                              ("lr-full", float, "learning rate of full fine-tuning"),
                              ("lr-head", float, "learning rate of the task heads"),
                              ("alpha", float, "adapter alpha (TailLoR and LoRA)")):
@@ -189,7 +192,10 @@ def settings_from_args(args) -> DemoSettings:
         if bad or not methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
         overrides["methods"] = methods
-    for key in ("steps", "head", "penalty", "head_share_target", "lr", "lr_lora", "lr_full", "lr_head", "alpha"):
+    if args.lr is not None:
+        overrides.update(lr_taillor_full=args.lr, lr_taillor_head=args.lr)
+    for key in ("steps", "head", "penalty", "head_share_target", "lr_taillor_full", "lr_taillor_head", "lr_lora",
+                "lr_full", "lr_head", "alpha"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.fixed_penalty:

@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..config import TailLoRConfig
 
-__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS"]
+__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS", "LR_FIELDS"]
 
 METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
 ADAPTER_METHODS = ("taillor-full", "taillor-head", "lora-continued", "lora-merged")
@@ -19,6 +19,10 @@ LABELS = {
     "lora-merged": "LoRA (merge+restart)",
     "full-ft": "full fine-tuning",
 }
+
+# The DemoSettings field that holds each trained method's encoder learning rate.
+LR_FIELDS = {"taillor-full": "lr_taillor_full", "taillor-head": "lr_taillor_head", "lora-continued": "lr_lora",
+             "lora-merged": "lr_lora", "full-ft": "lr_full"}
 
 _LIBRARY = {f.name: f.default for f in fields(TailLoRConfig)}
 
@@ -37,7 +41,11 @@ class DemoSettings:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple = ("query", "value")
-    lr: float = 1e-3            # TailLoR
+    # Each method at its own tuned learning rate (the frontier, README). The full frame's is lower: Adam scales
+    # every coordinate's step to about lr, and in the full frame the coordinates are singular directions, so the
+    # many weak tail directions (small gradients) move as fast as strong ones and the same lr moves the model more.
+    lr_taillor_full: float = 3e-4   # TailLoR, full frame
+    lr_taillor_head: float = 1e-3   # TailLoR, head frame (A, B in the layer's coordinates, as LoRA's)
     lr_lora: float = 1e-3       # PEFT LoRA, both variants (the best of its sweep on the frontier, see README)
     lr_full: float = 3e-5       # full fine-tuning
     lr_head: float = 5e-2       # the task heads, for every method and the frozen reference
@@ -49,6 +57,10 @@ class DemoSettings:
     seeds: int = 3
     methods: tuple = METHODS
     workers: int = 2            # processes that run methods side by side, one torch thread each
+
+    def lr_of(self, method: str) -> float:
+        """The encoder learning rate of ``method`` (None for the frozen reference)."""
+        return getattr(self, LR_FIELDS[method]) if method in LR_FIELDS else None
 
     def taillor_config(self, frame: str, seed: int) -> TailLoRConfig:
         """The TailLoRConfig of the TailLoR methods under these settings."""
