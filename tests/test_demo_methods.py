@@ -2,6 +2,8 @@
 frozen run of the same seed, the frontier marks dominated points, and the command line rejects bad values."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -107,6 +109,8 @@ def test_robustness_table_says_whether_the_default_lies_between_frozen_and_no_pe
     points = frontier.robustness_points(TINY)
     labels = {(p.method, p.label) for p in points}
     assert ("frozen", "steps ×2") in labels and ("taillor-head", "λ=0, alpha ×2") in labels
+    full_only = frontier.robustness_points(replace(TINY, methods=("taillor-full",)))
+    assert {p.method for p in full_only} == {"frozen", "taillor-full"}
     doubled = next(p for p in points if p.method == "taillor-full" and p.label == "default, lr ×2")
     assert doubled.settings(TINY).lr_taillor_full == 2 * TINY.lr_taillor_full
     assert doubled.settings(TINY).lr_taillor_head == TINY.lr_taillor_head

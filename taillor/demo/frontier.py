@@ -81,8 +81,9 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
 
 
 def robustness_points(settings: DemoSettings) -> list[FrontierPoint]:
-    """TailLoR at the library default next to λ = 0, both frames, with the adapter learning rate and the steps
-    per task halved and doubled and alpha doubled; the frozen reference at each step count."""
+    """TailLoR at the library default next to λ = 0, for each frame in ``settings.methods`` (both by default),
+    with the adapter learning rate and the steps per task halved and doubled and alpha doubled; the frozen
+    reference at each step count."""
     def variants(method):
         field, lr = LR_FIELDS[method], settings.lr_of(method)
         return [("as set", ()), ("lr ×0.5", ((field, lr / 2),)), ("lr ×2", ((field, lr * 2),)),
@@ -91,7 +92,7 @@ def robustness_points(settings: DemoSettings) -> list[FrontierPoint]:
 
     points = [FrontierPoint("frozen", name, overrides) for name, overrides in variants("taillor-head")
               if name in ("as set", "steps ×0.5", "steps ×2")]
-    for method in ("taillor-full", "taillor-head"):
+    for method in (m for m in ("taillor-full", "taillor-head") if m in settings.methods):
         for name, overrides in variants(method):
             points.append(FrontierPoint(method, f"default, {name}", overrides))
             points.append(FrontierPoint(method, f"λ=0, {name}", tuple(sorted(overrides + (("penalty", 0.0),)))))
@@ -107,7 +108,7 @@ def format_robustness(rows: list[dict]) -> str:
     lines = ["| frame | variant | plasticity: default (λ=0) | R@1 kept: default (λ=0, frozen) | "
              "cos to base: default (λ=0) | head share: default (λ=0) | between frozen and λ=0 |",
              "|---|---|---|---|---|---|---|"]
-    for method in ("taillor-full", "taillor-head"):
+    for method in ("taillor-full", "taillor-head"):  # the frames that ran
         for row in (r for r in rows if r["method"] == method and r["label"].startswith("default, ")):
             variant = row["label"].removeprefix("default, ")
             free = find(method, f"λ=0, {variant}")

@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --quick: 1 seed, the strength sweeps only, <= 15 min on 2 cores; else 3 seeds and "
                         "learning-rate, head and full fine-tuning points too)")
     p.add_argument("--robustness", action="store_true",
-                   help="TailLoR at the default and at λ = 0 with lr and steps ×0.5/×2 and alpha ×2, both frames, "
-                        "next to the frozen reference")
+                   help="TailLoR at the default and at λ = 0 with lr and steps ×0.5/×2 and alpha ×2, next to the frozen "
+                        "reference; both frames, or those named in --methods")
     p.add_argument("--seeds", type=int, default=None, help="repeat with N seeds, report mean ± std "
                                                           f"(default {DEFAULT.seeds}, {QUICK.seeds} with --quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<timestamp>/)")
