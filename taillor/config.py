@@ -53,7 +53,7 @@ class TailLoRConfig:
     head: Union[int, float] = 0.25
     head_energy: Optional[float] = None
     penalty: float = 1.0
-    head_share_target: Optional[float] = 0.01
+    head_share_target: Optional[float] = 0.05
     penalty_weighting: str = "head"
     dropout: float = 0.0
     use_rslora: bool = False

@@ -32,8 +32,8 @@ __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontie
 # TailLoR: a strength sweep at the library's head and learning rate, the default strength with a smaller head and
 # with the learning rate ×0.3 and ×3 (TailLoR is tuned like the baselines), and the defaults of earlier releases.
 TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
-                     ("ρ=0.05", {"head_share_target": 0.05}),
                      ("default", {}),
+                     ("ρ=0.01", {"head_share_target": 0.01}),
                      ("ρ=0.002", {"head_share_target": 0.002}))
 TAILLOR_VARIANTS = (("λ=10 fixed, kaiming (previous default)",
                      {"penalty": 10.0, "head_share_target": None, "init": "kaiming"}),
