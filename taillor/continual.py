@@ -37,6 +37,7 @@ and for a pre-trained skill measured before training (``base``) and after each t
 and against a **frozen reference** — the same run with the pre-trained model left as loaded (only task heads
 train), which every result needs: without it, a method that keeps old skills by not learning looks perfect:
 
+* :func:`frozen_reference` gives that model: a copy of yours with every parameter frozen (add the task heads)
 * :func:`plasticity` = ACC − ACC(frozen): what training the model added on the new tasks (≈ 0: it did not learn)
 * :func:`plasticity_per_task` = R[j][j] − R_frozen[j][j]: the same for each task just after it was learned
 
@@ -62,6 +63,7 @@ __all__ = [
     "forgetting",
     "retention",
     "mean_cosine_similarity",
+    "frozen_reference",
     "plasticity",
     "plasticity_per_task",
     "summarize",
@@ -155,6 +157,19 @@ def mean_cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"expected two (N, d) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` with ``requires_grad=False`` on every parameter: the frozen reference of a
+    continual run (train only the task heads you attach to it, with the same steps, head learning rate and seed
+    as the method it is compared with). ``model`` itself is not changed."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"frozen_reference needs a torch.nn.Module, got {type(model).__name__}")
+    import copy
+
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    return reference
 
 
 def plasticity(R, R_frozen) -> float:

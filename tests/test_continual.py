@@ -13,6 +13,7 @@ from taillor.continual import (
     average_accuracy,
     backward_transfer,
     forgetting,
+    frozen_reference,
     mean_cosine_similarity,
     retention,
     summarize,
@@ -264,3 +265,14 @@ def test_spectral_report_on_a_taillor_model_matches_weights_form(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 1000 and path.endswith("s.png")
     with pytest.raises(ValueError, match="no TailLoR layers"):
         spectral_report(nn.Linear(3, 3))
+
+
+def test_frozen_reference_is_a_frozen_copy_and_leaves_the_model_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    reference = frozen_reference(model)
+    assert all(not p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    with pytest.raises(TypeError, match="nn.Module, got dict"):
+        frozen_reference({})

@@ -7,6 +7,7 @@ import random
 import sys
 import time
 
+from ..continual import frozen_reference
 from .settings import METHODS, DemoSettings
 
 __all__ = ["Method", "SkillProbe", "run_method", "run_job", "describe", "train_sequence", "spectral_rows"]
@@ -20,7 +21,7 @@ class Method:
 
         self.name, self.s, self.seed = name, settings, seed
         torch.manual_seed(10_000 + seed)
-        self.model = copy.deepcopy(base_model)
+        self.model = frozen_reference(base_model) if name == "frozen" else copy.deepcopy(base_model)
         self.model.train()
         self.task = 0
         if name.startswith("taillor"):
@@ -30,7 +31,6 @@ class Method:
             taillor.apply_taillor(self.model, self.cfg)
             self.net = self.model
         elif name == "frozen":
-            self.model.requires_grad_(False)
             self.net = self.model
         elif name.startswith("lora"):
             self.net = self._new_peft(self.model)
