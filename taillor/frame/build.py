@@ -86,8 +86,15 @@ def _frame_dtype(weight: Tensor) -> torch.dtype:
 
 
 def _exact_svd(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    U, S, Vh = torch.linalg.svd(weights.to(_frame_dtype(weights)), full_matrices=False)
-    U, V = canonicalize_signs(U, Vh.mT)
+    weights = weights.to(_frame_dtype(weights))
+    if weights.shape[-2] < weights.shape[-1]:
+        # LAPACK's CPU SVD of a wide matrix took 1.7x as long as of its transpose (576 x 1536, float32):
+        # decompose Wᵀ = V S Uᵀ instead.
+        V, S, Uh = torch.linalg.svd(weights.mT, full_matrices=False)
+        U, V = canonicalize_signs(Uh.mT, V)
+    else:
+        U, S, Vh = torch.linalg.svd(weights, full_matrices=False)
+        U, V = canonicalize_signs(U, Vh.mT)
     return U, S, V
 
 
