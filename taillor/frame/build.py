@@ -13,8 +13,8 @@ from ..config import TailLoRConfig
 from ..functional import canonicalize_signs, randomized_svd
 from .cache import FRAME_CACHE, cache_key
 from .modes import FrameMode, frame_mode
-from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, head_from_count, head_from_energy,
-                       head_svd_settings, head_uses_exact_svd, penalty_weights)
+from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, frame_storage_dtype, head_from_count,
+                       head_from_energy, head_svd_settings, head_uses_exact_svd, penalty_weights)
 
 
 def compute_frame(weight: Tensor, config: TailLoRConfig, where: str = "layer") -> SpectralFrame:
@@ -56,12 +56,15 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
         for chunk in _chunks(names, weights):
             stacked = torch.stack([weights[where].detach() for where in chunk])
             U, S, V = _decompose(stacked, h, config, mode)
+            del stacked
+            storage = frame_storage_dtype(weights[chunk[0]].dtype, config)
             for i, where in enumerate(chunk):
-                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous(), h)
+                entries[where] = (U[i].to(storage).contiguous(), S[i].contiguous(), V[i].to(storage).contiguous(), h)
+            del U, S, V
             bar.update(len(chunk))
     bar.close()
     if world > 1:
-        _broadcast_frames(missing, owners, entries, weights, heads, mode)
+        _broadcast_frames(missing, owners, entries, weights, heads, mode, config)
     for where in missing:
         if h_from_frame:  # on every rank, so that a head_energy that leaves no tail raises on all of them
             entries[where] = (*entries[where][:3], _head_from_energy(entries[where][1], config, where))
@@ -149,15 +152,15 @@ def _distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast_frames(missing, owners, entries, weights, heads, mode: FrameMode) -> None:
+def _broadcast_frames(missing, owners, entries, weights, heads, mode: FrameMode, config: TailLoRConfig) -> None:
     import torch.distributed as dist
     for where in missing:
         w = weights[where]
         d_out, d_in = w.shape
         k = mode.frame_rank(min(d_out, d_in), heads[where])
-        dtype = _frame_dtype(w)
+        dtype, storage = _frame_dtype(w), frame_storage_dtype(w.dtype, config)
         if entries[where] is None:
-            entries[where] = (w.new_empty(d_out, k, dtype=dtype), w.new_empty(k, dtype=dtype),
-                              w.new_empty(d_in, k, dtype=dtype), heads[where])
+            entries[where] = (w.new_empty(d_out, k, dtype=storage), w.new_empty(k, dtype=dtype),
+                              w.new_empty(d_in, k, dtype=storage), heads[where])
         for t in entries[where][:3]:
             dist.broadcast(t, src=owners[where])

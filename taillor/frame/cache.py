@@ -36,7 +36,7 @@ def cache_key(weight: Tensor, config: TailLoRConfig) -> str:
     """The key of ``weight``'s frame under ``config``: its digest and every setting that shapes the frame."""
     seed = None if frame_mode(config.frame).full_spectrum else config.seed  # only the randomized SVD is seeded
     shaping = (config.frame, config.head, config.head_energy, config.svd_oversample, config.svd_niter, seed,
-               str(weight.device))
+               str(weight.device)) + ((config.frame_dtype,) if config.frame_dtype is not None else ())
     return f"{weight_digest(weight)}-{hashlib.blake2b(repr(shaping).encode(), digest_size=8).hexdigest()}"
 
 
