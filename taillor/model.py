@@ -71,8 +71,8 @@ def find_target_modules(model: nn.Module, config: TailLoRConfig) -> dict[str, nn
         for name, module in model.named_modules():
             if name and _matches(name, targets):
                 if not is_supported_base(module):
-                    raise TypeError(f"target module {name!r} is a {type(module).__name__}; TailLoR wraps "
-                                    f"{SUPPORTED} layers only")
+                    raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
+                                    f"TailLoR wraps {SUPPORTED} layers only")
                 selected[name] = module
     if config.exclude_modules is not None:
         selected = {n: m for n, m in selected.items() if not _matches(n, config.exclude_modules)}
