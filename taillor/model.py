@@ -132,7 +132,9 @@ def _check_frame_budget(bases: dict[str, LinearBase], config: TailLoRConfig) -> 
 
 
 def _format_bytes(count: int) -> str:
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+    if count >= 2**30:
+        return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True) -> nn.Module:
