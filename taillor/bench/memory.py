@@ -120,6 +120,12 @@ def probe(shape: str, base: str, method: str) -> dict:
             "trainable": sum(p.numel() for p in trainable), "estimate": estimate}
 
 
+def memory_shapes() -> list[str]:
+    """The shapes the memory suite measures (the toy one in fast mode)."""
+    from .shapes import fast_mode
+    return ["toy"] if fast_mode() else ["smollm2-135m"]
+
+
 def measure_memory(shape: str, bases=MEMORY_BASES, methods=MEMORY_METHODS, tick=None) -> list[dict]:
     """Rows of the memory suite: one fresh process per (base, method)."""
     rows = []
