@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_matches_oracle
+from conftest import assert_matches_oracle, dense_layer_oracle
 
 
 def two_layers(dtype=torch.float32):
@@ -49,16 +49,11 @@ def test_frame_dtype_default_and_choice_match_the_oracle(model_dtype, frame_dtyp
     y = layer(x)
     dy = torch.randn_like(y)
     y.backward(dy)
-    A = layer.lora_A.detach().double().requires_grad_(True)
-    B = layer.lora_B.detach().double().requires_grad_(True)
-    U, V = layer.frame.U.double(), layer.frame.V.double()
-    delta = layer.scaling * (U @ B @ A @ V.t() if frame == "full" else B @ A)
-    y64 = x.double() @ (linear.weight.double() + delta).t() + linear.bias.double()
-    y64.backward(dy.double())
+    y64, _, dA64, dB64 = dense_layer_oracle(layer, x, dy, linear.weight, linear.bias)
     coarse = model_dtype if stored == torch.float32 else stored
     assert_matches_oracle(y, y64, coarse, "output")
-    assert_matches_oracle(layer.lora_A.grad, A.grad, coarse, "dA")
-    assert_matches_oracle(layer.lora_B.grad, B.grad, coarse, "dB")
+    assert_matches_oracle(layer.lora_A.grad, dA64, coarse, "dA")
+    assert_matches_oracle(layer.lora_B.grad, dB64, coarse, "dB")
 
 
 def test_refused_budget_names_bytes_and_alternative_and_computes_nothing(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 import taillor
 from taillor.base import base_for
-from conftest import assert_close, assert_matches_oracle, dense_delta
+from conftest import assert_close, assert_matches_oracle, dense_delta, dense_layer_oracle
 
 QUANTIZED = ["nf4", "nf4-double", "fp4", "fp4-double", "int8"]
 
@@ -83,18 +83,12 @@ def test_quantized_layer_matches_float64_oracle_of_dequantized_weight(bnb, kind,
     y = layer(xq)
     dy = torch.randn_like(y)
     y.backward(dy)
-    # Oracle: x Wᵀ + b + s·x (U B A Vᵀ)ᵀ in float64, W the dequantized weight; gradients by autograd in float64.
-    A = layer.lora_A.detach().double().requires_grad_(True)
-    B = layer.lora_B.detach().double().requires_grad_(True)
-    U, V = layer.frame.U.double(), layer.frame.V.double()
-    delta = layer.scaling * (U @ B @ A @ V.t() if frame == "full" else B @ A)
-    x64 = x.double().requires_grad_(True)
-    y64 = x64 @ (W + delta).t() + base.bias.double()
-    y64.backward(dy.double())
+    # Oracle: x Wᵀ + b + s·x ΔWᵀ in float64, W the dequantized weight.
+    y64, dx64, dA64, dB64 = dense_layer_oracle(layer, x, dy, W, base.bias)
     assert_matches_oracle(y, y64, torch.float32, f"{kind} output")
-    assert_matches_oracle(xq.grad, x64.grad, torch.float32, f"{kind} dx")
-    assert_matches_oracle(layer.lora_A.grad, A.grad, torch.float32, f"{kind} dA")
-    assert_matches_oracle(layer.lora_B.grad, B.grad, torch.float32, f"{kind} dB")
+    assert_matches_oracle(xq.grad, dx64, torch.float32, f"{kind} dx")
+    assert_matches_oracle(layer.lora_A.grad, dA64, torch.float32, f"{kind} dA")
+    assert_matches_oracle(layer.lora_B.grad, dB64, torch.float32, f"{kind} dB")
     # Gradients never touch the quantized weight.
     assert base.weight.grad is None and not base.weight.requires_grad
     assert torch.equal(base.weight.data, packed)
