@@ -29,8 +29,10 @@ TASKS = {
 def load_4bit_model():
     """(tokenizer, model): SmolLM2 with every decoder linear layer in bitsandbytes nf4 (double quantization)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
     from taillor.demo.llm_model import converted_model_dir
     os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_logging.disable_progress_bar()
     folder = converted_model_dir()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.float32)
@@ -77,10 +79,11 @@ def main(argv=None) -> int:
     data = {name: batch(tokenizer, texts) for name, texts in TASKS.items()}
     with torch.no_grad():
         before = {name: float(model(**d).loss) for name, d in data.items()}
-    for task, task_data in data.items():
+    for i, (task, task_data) in enumerate(data.items()):
+        if i:  # between tasks: the finished one stays an exact frozen low-rank term beside the 4-bit weight
+            taillor.consolidate(model)
         after = train(model, task_data, args.steps, args.lr)
         print(f"task {task}: loss {before[task]:.3f} -> {after:.3f}")
-        taillor.consolidate(model)  # the finished task stays an exact frozen low-rank term beside the 4-bit weight
     with torch.no_grad():
         final = {name: float(model(**d).loss) for name, d in data.items()}
     print("after both tasks: " + ", ".join(f"{n} {before[n]:.3f} -> {final[n]:.3f}" for n in data))
