@@ -148,7 +148,8 @@ class Linear4bitBase(QuantizedBase):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the weight had when it was quantized (what dequantization returns)."""
-        return self.module.weight.quant_state.dtype
+        state = self.module.weight.quant_state
+        return state.dtype if state is not None else self.module.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +158,9 @@ class Linear4bitBase(QuantizedBase):
     def weight(self) -> Tensor:
         import bitsandbytes.functional as bnbf
         data, state = self.module.weight.data, self.module.weight.quant_state
+        if state is None:
+            raise TypeError(f"{self.kind}: the weight is not quantized yet; move the layer to its device first "
+                            "(bitsandbytes quantizes on .to(device)), or wrap the float layer")
         if getattr(state, "packing_format_for_cpu", False):
             # An eval-mode forward on an AVX512-BF16 CPU repacked the weight for bitsandbytes' CPU kernel; read it
             # back in the standard layout (a copy: the layer keeps its repacked weight).
@@ -176,8 +180,9 @@ class Linear8bitBase(QuantizedBase):
         packed = self.module.weight
         scales = packed.SCB if getattr(packed, "SCB", None) is not None else self.module.state.SCB
         if packed.dtype != torch.int8 or scales is None:
-            raise TypeError(f"{self.kind}: the weight is not quantized yet (dtype {packed.dtype}); move the layer "
-                            "to its device first (bitsandbytes quantizes on .to(device)), or wrap the float layer")
+            raise TypeError(f"{self.kind}: the weight is not int8 (dtype {packed.dtype}): TailLoR wraps int8 "
+                            "inference layers (has_fp16_weights=False, moved to their device, where bitsandbytes "
+                            "quantizes them); wrap the float layer instead")
         with torch.no_grad():
             return bnbf.int8_vectorwise_dequant(packed.data, scales).float()
 

@@ -40,11 +40,13 @@ def task_seed(seed: int, name: str, task: int) -> int:
 class TailLoRLinear(nn.Module):
     """y = x Wᵀ + b + s·x (U B A Vᵀ)ᵀ (full frame) or + s·x (B A)ᵀ (head frame), W and b frozen.
 
-    Attributes: ``base_layer`` (the wrapped nn.Linear or bitsandbytes quantized linear), ``frame`` (:class:`SpectralFrame`: U (d_out, k),
-    S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B`` (k, r) / (d_out, r) — float32 parameters
-    (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and ``consolidated_down`` (R, d_in): the
-    updates of finished tasks, already folded into the base weight (on a quantized base: added by the forward as
-    a frozen low-rank term, see :mod:`taillor.base`), kept so that they can be saved, exported and reported. Inputs may be any float dtype; the adapter runs in the base weight's dtype (or autocast's).
+    Attributes: ``base_layer`` (the wrapped nn.Linear or bitsandbytes quantized linear), ``frame``
+    (:class:`SpectralFrame`: U (d_out, k), S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B``
+    (k, r) / (d_out, r) — float32 parameters (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and
+    ``consolidated_down`` (R, d_in): the updates of finished tasks, already folded into the base weight (on a
+    quantized base: added by the forward as a frozen low-rank term, see :mod:`taillor.base`), kept so that they
+    can be saved, exported and reported. Inputs may be any float dtype; the adapter runs in the base weight's
+    dtype (or autocast's; on a quantized base, the input's).
     """
 
     def __init__(self, base_layer: nn.Linear, config: TailLoRConfig, name: str = "",
