@@ -152,3 +152,18 @@ def test_target_that_is_not_a_linear_names_the_supported_kinds():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 1))
     with pytest.raises(TypeError, match="Linear4bit or Linear8bitLt"):
         taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=["1"]), progress=False)
+
+
+def test_taillor_works_where_bitsandbytes_cannot_be_imported():
+    """bitsandbytes is optional: with it blocked, taillor imports and wraps nn.Linear as before."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "import torch, taillor\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+            "taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=['0']), progress=False)\n"
+            "assert 'bitsandbytes' not in sys.modules or sys.modules['bitsandbytes'] is None\n"
+            "print(type(model[0]).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "TailLoRLinear"
