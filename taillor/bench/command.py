@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     checks = write(complete=True)
     print(f"\ntaillor bench on {meta['device']} ({meta.get('gpu', meta['cpu'])}), torch {meta['torch']}, "
           f"{meta['torch_threads']} thread(s), {meta['seconds']} s" + (" — FAST MODE: toy sizes, the numbers mean nothing" if fast_mode() else ""))
-    if device.type == "cpu":
+    if device.type == "cpu" and "adapter" in suites:
         print("peak MB on the CPU = bytes saved for backward (activations; parameters and input excluded)")
     print(format_text(rows))
     if checks and not fast_mode():

@@ -146,7 +146,7 @@ def measure_memory(shape: str, bases=MEMORY_BASES, methods=MEMORY_METHODS, tick=
 
 def memory_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, lines) in MiB; the estimate column is the apply estimate and its error against the kept memory."""
-    header = ["shape", "base", "method", "model MiB", "apply peak MiB", "apply kept MiB", "estimate MiB",
+    header = ["shape", "base", "method", "process MiB (model built)", "apply peak MiB", "apply kept MiB", "estimate MiB",
               "estimate vs kept", "step peak MiB", "trainable"]
     lines = []
     for r in rows:
