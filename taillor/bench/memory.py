@@ -5,9 +5,10 @@ model built from a transformers config (random weights, nothing downloaded), ful
 How it is measured: each (shape, base, method) runs in a fresh Python process (``python -m taillor.bench.memory``),
 so that no allocation of one case lingers in the next. Memory is the process's resident set from
 ``/proc/self/status`` (Linux): ``VmRSS`` now and ``VmHWM``, its peak, which writing ``5`` to
-``/proc/self/clear_refs`` resets, so a phase's peak is ``VmHWM`` after it minus ``VmRSS`` before it. This counts every
-byte the process touched (torch's CPU allocator returns large blocks to the system on free, so a freed tensor
-leaves the resident set); tracemalloc would miss torch's allocations.
+``/proc/self/clear_refs`` resets, so a phase's peak is ``VmHWM`` after it minus ``VmRSS`` before it. Before each
+phase the heap's free memory goes back to the system (glibc ``malloc_trim``): otherwise memory freed earlier — the
+float weights that a 4-bit conversion replaced — is reused by the phase without showing in the resident set. This
+counts every byte the process touched; tracemalloc would miss torch's allocations.
 
 The estimate checked against it (:func:`estimate_apply_bytes`): applying TailLoR keeps the frames
 (:func:`taillor.estimate_frame_bytes`), a second copy of them in the in-memory frame cache (up to
@@ -44,6 +45,15 @@ def _status(field: str) -> int:
 
 
 def _reset_peak() -> None:
+    """Return the heap's free memory to the system, then restart VmHWM at VmRSS: memory freed earlier (the float
+    weights a 4-bit conversion replaced, say) would otherwise be reused without showing in the resident set."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory may then hide part of a phase's allocations
+        pass
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
@@ -93,8 +103,8 @@ def probe(shape: str, base: str, method: str) -> dict:
     model = llama_model(shape, base)
     vocab = MEMORY_SHAPES[shape]["vocab_size"]
     tokens = torch.randint(0, vocab, (1, TOKENS), generator=torch.Generator().manual_seed(0))
-    rss_model = _status("VmRSS")
     _reset_peak()
+    rss_model = _status("VmRSS")
     estimate = None
     if method == "lora":
         import peft
@@ -107,8 +117,8 @@ def probe(shape: str, base: str, method: str) -> dict:
     apply_peak, apply_kept = _status("VmHWM") - rss_model, _status("VmRSS") - rss_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    rss_before_step = _status("VmRSS")
     _reset_peak()
+    rss_before_step = _status("VmRSS")
     loss = model(input_ids=tokens, labels=tokens).loss
     if method != "lora":
         loss = loss + taillor.spectral_penalty(model)
