@@ -8,7 +8,8 @@ so that no allocation of one case lingers in the next. Memory is the process's r
 ``/proc/self/clear_refs`` resets, so a phase's peak is ``VmHWM`` after it minus ``VmRSS`` before it. Before each
 phase the heap's free memory goes back to the system (glibc ``malloc_trim``): otherwise memory freed earlier — the
 float weights that a 4-bit conversion replaced — is reused by the phase without showing in the resident set. This
-counts every byte the process touched; tracemalloc would miss torch's allocations.
+counts every byte the process touched; tracemalloc would miss torch's allocations. "Kept" is ``VmRSS`` after the
+phase, once the heap's free memory is returned too, minus ``VmRSS`` before it: what the phase left allocated.
 
 The estimate checked against it (:func:`estimate_apply_bytes`): applying TailLoR keeps the frames
 (:func:`taillor.estimate_frame_bytes`), a second copy of them in the in-memory frame cache (up to
@@ -114,7 +115,9 @@ def probe(shape: str, base: str, method: str) -> dict:
                                        frame=method.split("-")[1], head=0.25)
         estimate = estimate_apply_bytes(model, config)
         taillor.apply_taillor(model, config, progress=False)
-    apply_peak, apply_kept = _status("VmHWM") - rss_model, _status("VmRSS") - rss_model
+    apply_peak = _status("VmHWM") - rss_model
+    _reset_peak()  # what stays allocated, without the heap's free memory
+    apply_kept = _status("VmRSS") - rss_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     _reset_peak()
