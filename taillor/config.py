@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Union
 FRAMES = ("full", "head")
 PENALTY_WEIGHTINGS = ("head", "sigma", "sigma2")
 INITS = ("kaiming", "tail")
+FRAME_DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 TargetModules = Union[None, str, Sequence[str]]
 
@@ -43,6 +44,13 @@ class TailLoRConfig:
     svd_oversample / svd_niter: randomized-SVD settings for head frames; None picks accurate defaults
         (see :func:`taillor.frame.head_svd_settings`).
     frame_cache_dir: if set, frames are cached there as safetensors, keyed by a digest of the weight.
+    frame_dtype: the dtype U and V are stored in, one of ``FRAME_DTYPES``; None (default) keeps a bf16 / fp16
+        weight's dtype and uses float32 otherwise (float64 for float64 weights). S and ω² stay float32. The SVD
+        itself always runs in float32 (float64); a 16-bit frame halves the frame's memory and puts the adapter's
+        factors P, Q at that dtype's rounding (the bf16 / fp16 rows of the tolerance table).
+    max_frame_bytes: if set, ``apply_taillor`` refuses (ValueError, before computing anything) a configuration
+        whose frames would take more than this many bytes, and names the estimate and the alternative (a head
+        frame). Runtime-only: not saved with the adapter.
     """
 
     rank: int = 8
@@ -62,6 +70,8 @@ class TailLoRConfig:
     svd_oversample: Optional[int] = None
     svd_niter: Optional[int] = None
     frame_cache_dir: Optional[str] = field(default=None, compare=False)
+    frame_dtype: Optional[str] = None
+    max_frame_bytes: Optional[int] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
@@ -97,6 +107,10 @@ class TailLoRConfig:
             _check_int("svd_niter", self.svd_niter, minimum=0)
         for name in ("target_modules", "exclude_modules"):
             _check_targets(name, getattr(self, name))
+        if self.frame_dtype is not None:
+            _check_choice("frame_dtype", self.frame_dtype, FRAME_DTYPES)
+        if self.max_frame_bytes is not None:
+            _check_int("max_frame_bytes", self.max_frame_bytes, minimum=1)
 
     @property
     def scaling(self) -> float:
@@ -109,6 +123,7 @@ class TailLoRConfig:
             if isinstance(out[name], tuple):
                 out[name] = list(out[name])
         out.pop("frame_cache_dir")
+        out.pop("max_frame_bytes")
         return out
 
     @classmethod

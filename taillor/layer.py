@@ -40,11 +40,13 @@ def task_seed(seed: int, name: str, task: int) -> int:
 class TailLoRLinear(nn.Module):
     """y = x Wᵀ + b + s·x (U B A Vᵀ)ᵀ (full frame) or + s·x (B A)ᵀ (head frame), W and b frozen.
 
-    Attributes: ``base_layer`` (the wrapped nn.Linear), ``frame`` (:class:`SpectralFrame`: U (d_out, k),
-    S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B`` (k, r) / (d_out, r) — float32 parameters
-    (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and ``consolidated_down`` (R, d_in): the
-    updates of finished tasks, already folded into the base weight, kept so that they can be saved, exported
-    and reported. Inputs may be any float dtype; the adapter runs in the base weight's dtype (or autocast's).
+    Attributes: ``base_layer`` (the wrapped nn.Linear or bitsandbytes quantized linear), ``frame``
+    (:class:`SpectralFrame`: U (d_out, k), S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B``
+    (k, r) / (d_out, r) — float32 parameters (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and
+    ``consolidated_down`` (R, d_in): the updates of finished tasks, already folded into the base weight (on a
+    quantized base: added by the forward as a frozen low-rank term, see :mod:`taillor.base`), kept so that they
+    can be saved, exported and reported. Inputs may be any float dtype; the adapter runs in the base weight's
+    dtype (or autocast's; on a quantized base, the input's).
     """
 
     def __init__(self, base_layer: nn.Linear, config: TailLoRConfig, name: str = "",
@@ -52,7 +54,7 @@ class TailLoRLinear(nn.Module):
         super().__init__()
         where = name or "TailLoRLinear"
         base = base_for(base_layer, where)
-        d_out, d_in = base.weight().shape
+        d_out, d_in = base.out_features, base.in_features
         m = min(d_out, d_in)
         if config.rank > m:
             raise ValueError(f"{where}: rank={config.rank} exceeds min(d_out, d_in)={m} of a {d_in}->{d_out} layer")
@@ -61,24 +63,23 @@ class TailLoRLinear(nn.Module):
         self.base_layer = base_layer
         self.base = base
         base_layer.requires_grad_(False)
-        weight = base.weight()
-        self.frame = frame if frame is not None else compute_frame(weight, config, where)
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.frame = frame if frame is not None else compute_frame(base.weight(), config, where)
+        dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         shape_A, shape_B = self.frame_mode.factor_shapes(config.rank, self.frame.rank, d_in, d_out)
-        self.lora_A = nn.Parameter(torch.zeros(shape_A, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(shape_B, dtype=dtype, device=weight.device))
-        self.register_buffer("consolidated_up", torch.zeros(d_out, 0, dtype=dtype, device=weight.device),
+        self.lora_A = nn.Parameter(torch.zeros(shape_A, dtype=dtype, device=base.device))
+        self.lora_B = nn.Parameter(torch.zeros(shape_B, dtype=dtype, device=base.device))
+        self.register_buffer("consolidated_up", torch.zeros(d_out, 0, dtype=dtype, device=base.device),
                              persistent=False)
-        self.register_buffer("consolidated_down", torch.zeros(0, d_in, dtype=dtype, device=weight.device),
+        self.register_buffer("consolidated_down", torch.zeros(0, d_in, dtype=dtype, device=base.device),
                              persistent=False)
         # λ of this layer: config.penalty, or (head_share_target) adapted by a dual step per optimizer step.
         self.register_buffer("penalty_strength", torch.tensor(float(config.penalty), dtype=dtype,
-                                                               device=weight.device), persistent=False)
+                                                               device=base.device), persistent=False)
         # A and B at the last dual step: the next step waits until the optimizer has changed them. Compared
         # elementwise, which is exact in eager and compiled code alike (a reduction's rounding is not).
         for name_, shape in (("strength_seen_A", shape_A), ("strength_seen_B", shape_B)):
             self.register_buffer(name_, torch.full(shape if self.adapts_strength else (0,), math.nan, dtype=dtype,
-                                                   device=weight.device), persistent=False)
+                                                   device=base.device), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.tasks_consolidated = 0
@@ -154,7 +155,10 @@ class TailLoRLinear(nn.Module):
     def pretrained_weight(self) -> Tensor:
         """The base weight before any consolidation or merge, in the adapter's dtype."""
         with torch.no_grad():
-            weight = self.base.weight().to(self.lora_A.dtype) - self.consolidated_up @ self.consolidated_down
+            weight = self.base.weight().to(self.lora_A.dtype)
+            if self.base.quantized:  # the finished tasks are a frozen term beside the weight, not folded into it
+                return weight
+            weight = weight - self.consolidated_up @ self.consolidated_down
             return weight - self.delta_weight() if self.merged else weight
 
     def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
@@ -170,7 +174,7 @@ class TailLoRLinear(nn.Module):
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
         A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-        U, V = self.frame_mode.penalty_frame(frame)
+        U, V = self.frame_mode.penalty_frame(frame, A.dtype)
         s2 = self.scaling ** 2
         if penalty is not None or not self.adapts_strength:
             strength = self.config.penalty if penalty is None else penalty
@@ -190,7 +194,7 @@ class TailLoRLinear(nn.Module):
         a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
         with torch.no_grad():
             A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-            U, V = self.frame_mode.penalty_frame(self.frame)
+            U, V = self.frame_mode.penalty_frame(self.frame, A.dtype)
             energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
             return head_share(energy, self._update_energy(A, B))
 
@@ -211,18 +215,12 @@ class TailLoRLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        weight, bias = self.base.weight(), self.base.bias()
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = weight.dtype
-        if weight.dtype != dtype:
-            weight = weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        dtype = self.base.compute_dtype(x)
         P, Q = self.adapter_factors(dtype)
         x = x.to(dtype)
         x_adapter = self.dropout(x) if (self.training and self.config.dropout > 0) else None
-        return F.taillor_linear(x, weight, bias, P, Q, self.scaling, x_adapter)
+        return self.base.adapted_forward(x, P, Q, self.scaling, x_adapter, self.consolidated_up,
+                                         self.consolidated_down)
 
     # ------------------------------------------------------------------------------------------------------
     def _current_factors(self) -> tuple[Tensor, Tensor]:
@@ -252,7 +250,7 @@ class TailLoRLinear(nn.Module):
         Outputs are unchanged (within the base dtype's rounding).
         """
         up, down = self._current_factors()
-        if not self.merged:
+        if not self.merged and not self.base.quantized:  # a quantized base adds the recorded factors instead
             self.base.fold(up, down)
         self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
         self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
@@ -290,7 +288,7 @@ class TailLoRLinear(nn.Module):
         device, dtype = self.lora_A.device, self.lora_A.dtype
         up, down = (tensors[part].to(device=device, dtype=dtype) for part in ("consolidated_up", "consolidated_down"))
         r = meta["rank"]
-        for task in range(meta["tasks_consolidated"]):
+        for task in range(0 if self.base.quantized else meta["tasks_consolidated"]):
             self.base.fold(up[:, task * r:(task + 1) * r], down[task * r:(task + 1) * r])
         self.consolidated_up, self.consolidated_down = up.contiguous(), down.contiguous()
         self.tasks_consolidated = meta["tasks_consolidated"]

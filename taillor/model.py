@@ -1,6 +1,7 @@
 """Model API: put TailLoR into any PyTorch / Hugging Face model, and the model-wide operations on it."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -8,9 +9,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .base import base_for, is_supported_base
+from .base import SUPPORTED, LinearBase, base_for, is_supported_base
 from .config import TailLoRConfig
-from .frame import SpectralFrame, build_frames as _build_frames
+from .frame import SpectralFrame, build_frames as _build_frames, frame_bytes
 from .layer import TailLoRLinear
 
 _OUTPUT_HEAD_NAMES = ("lm_head",)
@@ -71,7 +72,7 @@ def find_target_modules(model: nn.Module, config: TailLoRConfig) -> dict[str, nn
             if name and _matches(name, targets):
                 if not is_supported_base(module):
                     raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear; "
-                                    f"TailLoR wraps nn.Linear layers only")
+                                    f"TailLoR wraps {SUPPORTED} layers only")
                 selected[name] = module
     if config.exclude_modules is not None:
         selected = {n: m for n, m in selected.items() if not _matches(n, config.exclude_modules)}
@@ -86,28 +87,74 @@ def build_frames(model: nn.Module, config: TailLoRConfig, progress: bool = True)
     """Frames of every target layer of ``model``, batched by shape (and sharded across ranks when
     torch.distributed is initialized). Reuses cached frames of unchanged weights."""
     targets = find_target_modules(model, config)
-    return _build_frames(_target_weights(targets), config, progress=progress)
+    return _frames_of({name: base_for(module, name) for name, module in targets.items()}, config, progress)
 
 
-def _target_weights(targets: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {name: base_for(module, name).weight() for name, module in targets.items()}
+def _frames_of(bases: dict[str, LinearBase], config: TailLoRConfig, progress: bool) -> dict[str, SpectralFrame]:
+    """Frames of the bases' weights: stored weights batched by shape; quantized ones dequantized one layer at a
+    time (the copy is freed before the next), never the whole model at once."""
+    stored = {name: base.weight() for name, base in bases.items() if not base.quantized}
+    frames = _build_frames(stored, config, progress=progress) if stored else {}
+    for name, base in bases.items():
+        if base.quantized:
+            frames[name] = _build_frames({name: base.weight()}, config)[name]
+    return frames
+
+
+def estimate_frame_bytes(model: nn.Module, config: TailLoRConfig) -> dict[str, int]:
+    """Bytes the frame of each target layer of ``model`` would keep under ``config``, by qualified name, without
+    computing any (see :func:`taillor.frame.frame_bytes`). Sum the values for the model's total."""
+    targets = find_target_modules(model, config)
+    bases = {name: base_for(module, name) for name, module in targets.items()}
+    return {name: frame_bytes(base.out_features, base.in_features, base.dtype, config, name)
+            for name, base in bases.items()}
+
+
+def _check_frame_budget(bases: dict[str, LinearBase], config: TailLoRConfig) -> None:
+    """ValueError when the frames would exceed ``config.max_frame_bytes``, naming the estimate and what fits."""
+    if config.max_frame_bytes is None:
+        return
+    total = sum(frame_bytes(b.out_features, b.in_features, b.dtype, config, name) for name, b in bases.items())
+    if total <= config.max_frame_bytes:
+        return
+    advice = []
+    if config.frame == "full":
+        head = dataclasses.replace(config, frame="head", head_energy=None, max_frame_bytes=None)
+        head_total = sum(frame_bytes(b.out_features, b.in_features, b.dtype, head, n) for n, b in bases.items())
+        advice.append(f"frame='head' with head={config.head!r} would take {_format_bytes(head_total)}")
+    else:
+        advice.append("a smaller head (or head instead of head_energy, which is counted at its largest size)")
+    if config.frame_dtype not in ("bfloat16", "float16"):
+        advice.append("frame_dtype='bfloat16' halves a float32 frame")
+    raise ValueError(f"the {config.frame} frames of {len(bases)} layers would take an estimated "
+                     f"{_format_bytes(total)} ({total} bytes), more than max_frame_bytes={config.max_frame_bytes}; "
+                     f"alternatives: {'; '.join(advice)}; or fewer target_modules. Nothing was changed.")
+
+
+def _format_bytes(count: int) -> str:
+    if count >= 2**30:
+        return f"{count / 2**30:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.1f} KiB"
 
 
 def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True) -> nn.Module:
-    """Swap the target nn.Linear layers of ``model`` for TailLoRLinear, in place; freeze everything else.
+    """Swap the target layers of ``model`` (nn.Linear, or bitsandbytes Linear4bit / Linear8bitLt) for
+    TailLoRLinear, in place; freeze everything else.
 
-    Every check (targets, ranks, heads, finite weights) runs before the first swap, so an error leaves the model
-    unchanged. Frames are built by :func:`build_frames` (a progress bar on a terminal unless progress=False).
-    Returns ``model``.
+    Every check (targets, ranks, the frame memory budget ``config.max_frame_bytes``, heads, finite weights) runs
+    before the first swap, so an error leaves the model unchanged; the budget is checked before any frame is
+    computed. Frames are built by :func:`build_frames` (a progress bar on a terminal unless progress=False); a
+    quantized weight is dequantized for its frame one layer at a time. Returns ``model``.
     """
     targets = find_target_modules(model, config)
-    weights = _target_weights(targets)
-    for name, weight in weights.items():
-        d_out, d_in = weight.shape
+    bases = {name: base_for(module, name) for name, module in targets.items()}
+    for name, base in bases.items():
+        d_out, d_in = base.out_features, base.in_features
         if config.rank > min(d_out, d_in):
             raise ValueError(f"{name}: rank={config.rank} exceeds min(d_out, d_in)={min(d_out, d_in)} of a "
                              f"{d_in}->{d_out} layer")
-    frames = _build_frames(weights, config, progress=progress)
+    _check_frame_budget(bases, config)
+    frames = _frames_of(bases, config, progress)
     layers = {name: TailLoRLinear(module, config, name=name, frame=frames[name]) for name, module in targets.items()}
     model.requires_grad_(False)
     for name, layer in layers.items():
@@ -148,8 +195,21 @@ def consolidate(model: nn.Module) -> int:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight and put the plain nn.Linear back; returns ``model``."""
-    for name, layer in require_taillor_layers(model, "merge_and_unload"):
+    """Merge every adapter into its base weight and put the plain nn.Linear back; returns ``model``.
+
+    On a quantized base (bitsandbytes) it raises TypeError before changing anything: merging would requantize
+    the weight and lose part of what was learned. Keep the TailLoR layers, or export a PEFT LoRA adapter for the
+    same quantized base with :func:`taillor.export_lora`, or load the adapter onto an unquantized copy of the model
+    and merge there.
+    """
+    layers = require_taillor_layers(model, "merge_and_unload")
+    quantized = [name for name, layer in layers if layer.base.quantized]
+    if quantized:
+        raise TypeError(f"merge_and_unload: {len(quantized)} layers have a quantized base ({quantized[:3]}...); "
+                        "merging would requantize their weights and lose part of the update. Keep the TailLoR "
+                        "layers, use taillor.export_lora (a PEFT LoRA adapter for the same quantized base), or "
+                        "taillor.load_adapter onto an unquantized copy of the model and merge that. Nothing changed.")
+    for name, layer in layers:
         layer.merge()
         _replace_module(model, name, layer.base_layer)
     return model

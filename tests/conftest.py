@@ -111,6 +111,21 @@ def dense_delta(layer) -> torch.Tensor:
     return s * B @ A
 
 
+def dense_layer_oracle(layer, x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Oracle (y, dx, dA, dB) in float64 of y = x (W + ΔW)ᵀ + b with upstream gradient dy, for a dense base weight
+    W (d_out, d_in) (a quantized base's dequantized weight, say) and ΔW from the layer's own frame, A and B."""
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    U, V = layer.frame.U.double(), layer.frame.V.double()
+    delta = layer.scaling * (U @ B @ A @ V.t() if layer.config.frame == "full" else B @ A)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = x64 @ (weight.double() + delta).t()
+    if bias is not None:
+        y64 = y64 + bias.double()
+    y64.backward(dy.double())
+    return y64.detach(), x64.grad, A.grad, B.grad
+
+
 def dense_penalty(layer, A=None, B=None, strength=None) -> torch.Tensor:
     """Oracle penalty λ(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) with ΔW materialized in float64 (differentiable in A, B);
     λ = ``strength``, default ``layer.config.penalty``."""

@@ -214,3 +214,25 @@ def test_frames_bench_counts_the_exact_svds_build_frames_makes(monkeypatch):
     bench.ours()
     assert 0 < bench.n_exact < len(bench.weights)
     assert sum(decomposed) == bench.n_exact
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the memory suite reads Linux /proc")
+def test_memory_probe_runs_and_its_estimate_counts_the_frames():
+    """One memory case in this process on the toy shape (the suite runs each case in a fresh process; the numbers
+    of a toy mean nothing): the phases are measured, the estimate's frame bytes are the frames the model got."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install taillor[quant])")
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from taillor.bench.memory import estimate_apply_bytes, llama_model, memory_table, probe
+    import taillor
+    row = probe("toy", "nf4", "taillor-full")
+    assert row["apply_kept"] >= 0 and row["apply_peak"] >= row["apply_kept"] and row["step_peak"] > 0
+    config = taillor.TailLoRConfig(rank=8, alpha=16, target_modules="all-linear", frame="full", head=0.25)
+    model = llama_model("toy", "nf4")
+    estimate = estimate_apply_bytes(model, config)
+    taillor.apply_taillor(model, config, progress=False)
+    frames = sum(sum(t.numel() * t.element_size() for t in (l.frame.U, l.frame.S, l.frame.V, l.frame.omega2))
+                 for _, l in taillor.iter_taillor_layers(model))
+    factors = sum(l.lora_A.numel() * 4 + l.lora_B.numel() * 4 for _, l in taillor.iter_taillor_layers(model))
+    assert estimate["frames"] == row["estimate"]["frames"] == frames and estimate["factors"] == factors
+    header, lines = memory_table([row])
+    assert len(lines) == 1 and len(lines[0]) == len(header)

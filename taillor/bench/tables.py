@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .memory import RANK, TOKENS, memory_table
 from .methods import METHOD_LABELS
 from .shapes import CPU_SPEED_TARGET, GPU_SPEED_TARGET, PENALTY_SPEED_TARGET, SVD_SPEED_TARGET, fast_mode
 
@@ -59,12 +60,16 @@ def tables(rows: list[dict]) -> dict[str, tuple[list[str], list[list[str]]]]:
                                    _fmt(r["speedup_of_build_frames"], ".2f"),
                                    _fmt(r["sigma_rel_error_layer0"], ".2e"),
                                    _fmt(r["max_angle_rad_layer0"], ".2e")] for r in frames])
+    if any(r["suite"] == "memory" for r in rows):
+        out["memory"] = memory_table(rows)
     return out
 
 
 TITLES = {"adapter": "Adapter layer: forward / backward / both, ratio to the frozen nn.Linear",
           "svd": "Randomized SVD", "penalty": "Spectral penalty: Gram form vs materializing ΔW (forward+backward)",
-          "frames": "Frames for every target layer (head mode)"}
+          "frames": "Frames for every target layer (head mode)",
+          "memory": f"Host memory (resident set, fresh process per row) of applying the adapter and of one AdamW "
+                    f"step ({TOKENS} tokens), rank {RANK}, all-linear"}
 
 
 def format_text(rows: list[dict]) -> str:

@@ -13,8 +13,8 @@ from ..config import TailLoRConfig
 from ..functional import canonicalize_signs, randomized_svd
 from .cache import FRAME_CACHE, cache_key
 from .modes import frame_mode
-from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, head_from_count, head_from_energy,
-                       head_svd_settings, head_uses_exact_svd, penalty_weights)
+from .spectral import (HEAD_MIN_OVERSAMPLE, HEAD_NITER, SpectralFrame, frame_storage_dtype, head_from_count,
+                       head_from_energy, head_svd_settings, head_uses_exact_svd, penalty_weights)
 
 
 def compute_frame(weight: Tensor, config: TailLoRConfig, where: str = "layer") -> SpectralFrame:
@@ -60,12 +60,15 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
         for chunk in _chunks(names, weights):
             stacked = torch.stack([weights[where].detach() for where in chunk])
             U, S, V = _exact_svd(stacked) if h is None else _sketched_svd(stacked, h, config)
+            del stacked
+            storage = frame_storage_dtype(weights[chunk[0]].dtype, config)
             for i, where in enumerate(chunk):
-                entries[where] = (U[i].contiguous(), S[i].contiguous(), V[i].contiguous())
+                entries[where] = (U[i].to(storage).contiguous(), S[i].contiguous(), V[i].to(storage).contiguous())
+            del U, S, V
             bar.update(len(chunk))
     bar.close()
     if world > 1:
-        _broadcast_frames(missing, owners, entries, weights, heads, exact)
+        _broadcast_frames(missing, owners, entries, weights, heads, exact, config)
     for where in missing:
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
@@ -158,15 +161,15 @@ def _distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _broadcast_frames(missing, owners, entries, weights, heads, exact) -> None:
+def _broadcast_frames(missing, owners, entries, weights, heads, exact, config: TailLoRConfig) -> None:
     import torch.distributed as dist
     for where in missing:
         w = weights[where]
         d_out, d_in = w.shape
         k = min(d_out, d_in) if exact[where] else heads[where]
-        dtype = _frame_dtype(w)
+        dtype, storage = _frame_dtype(w), frame_storage_dtype(w.dtype, config)
         if entries[where] is None:
-            entries[where] = (w.new_empty(d_out, k, dtype=dtype), w.new_empty(k, dtype=dtype),
-                              w.new_empty(d_in, k, dtype=dtype))
+            entries[where] = (w.new_empty(d_out, k, dtype=storage), w.new_empty(k, dtype=dtype),
+                              w.new_empty(d_in, k, dtype=storage))
         for t in entries[where]:
             dist.broadcast(t, src=owners[where])

@@ -34,10 +34,11 @@ def weight_digest(weight: Tensor) -> str:
 
 
 def cache_key(weight: Tensor, config: TailLoRConfig, exact: bool) -> str:
-    """The key of ``weight``'s decomposition: its digest and device, and for a randomized (not ``exact``) SVD
-    every setting of ``config`` that shapes the sketch."""
-    shaping = (str(weight.device),) if exact else (
-        str(weight.device), config.head, config.head_energy, config.svd_oversample, config.svd_niter, config.seed)
+    """The key of ``weight``'s decomposition: its digest (dtype included) and device, the frame dtype when set,
+    and for a randomized (not ``exact``) SVD every setting of ``config`` that shapes the sketch."""
+    shaping = (str(weight.device), config.frame_dtype)
+    if not exact:
+        shaping += (config.head, config.head_energy, config.svd_oversample, config.svd_niter, config.seed)
     kind = "exact" if exact else "sketch"
     return f"{weight_digest(weight)}-{kind}-{hashlib.blake2b(repr(shaping).encode(), digest_size=8).hexdigest()}"
 

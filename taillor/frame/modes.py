@@ -49,9 +49,9 @@ class FrameMode:
         frame's span, as every P, Q this mode produced do)."""
         raise NotImplementedError
 
-    def penalty_frame(self, frame: SpectralFrame) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(U, V) as the penalty ops take them: the head bases, or (None, None) when A and B are already in
-        spectral coordinates."""
+    def penalty_frame(self, frame: SpectralFrame, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(U, V) as the penalty ops take them, in ``dtype`` (the adapter's): the head bases, or (None, None) when
+        A and B are already in spectral coordinates."""
         raise NotImplementedError
 
     def initial_A(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, seed: int, init: str,
@@ -79,12 +79,17 @@ class FullFrame(FrameMode):
         return (rank, frame_rank), (frame_rank, rank)
 
     def layer_factors(self, A, B, frame, dtype=None):
+        if frame.U.dtype != A.dtype:
+            # A frame stored in 16 bits: project in its dtype (A and B rounded to it), so that autograd saves the
+            # stored frame for backward rather than a float32 copy of it.
+            storage = frame.U.dtype
+            return spectral_projection(A.to(storage), B.to(storage), frame.U, frame.V, out_dtype=dtype or A.dtype)
         return spectral_projection(A, B, frame.U, frame.V, out_dtype=dtype)
 
     def trainable_factors(self, P, Q, frame):
-        return P.t() @ frame.V, frame.U.t() @ Q
+        return P.t() @ frame.V.to(P.dtype), frame.U.to(Q.dtype).t() @ Q
 
-    def penalty_frame(self, frame):
+    def penalty_frame(self, frame, dtype):
         return None, None
 
     def without_head(self, A, frame):
@@ -106,8 +111,9 @@ class HeadFrame(FrameMode):
     def trainable_factors(self, P, Q, frame):
         return P.t(), Q
 
-    def penalty_frame(self, frame):
-        return frame.U, frame.V
+    def penalty_frame(self, frame, dtype):
+        # The penalty runs in the adapter's dtype: a head frame stored in another (16 bits) is read in it.
+        return frame.U.to(dtype), frame.V.to(dtype)
 
     def without_head(self, A, frame):
         V_h = frame.V.to(A.dtype)

@@ -21,6 +21,32 @@ HEAD_NITER = 5
 EXACT_SVD_SHARE = 0.5
 
 
+def frame_storage_dtype(weight_dtype: torch.dtype, config: TailLoRConfig) -> torch.dtype:
+    """The dtype a frame's U and V are stored in: ``config.frame_dtype``, else a 16-bit weight's own dtype, else
+    float32 (float64 for a float64 weight)."""
+    if config.frame_dtype is not None:
+        return getattr(torch, config.frame_dtype)
+    if weight_dtype in (torch.float16, torch.bfloat16, torch.float64):
+        return weight_dtype
+    return torch.float32
+
+
+def frame_bytes(d_out: int, d_in: int, weight_dtype: torch.dtype, config: TailLoRConfig, where: str = "layer") -> int:
+    """Bytes the frame of one (d_out, d_in) weight keeps: U (d_out, k) and V (d_in, k) in
+    :func:`frame_storage_dtype`, S and ω² (k,) in float32 (float64 for a float64 weight). k = min(d_out, d_in) for
+    a full frame, h for a head frame; a head frame sized by ``head_energy`` (h unknown before its SVD) is counted at
+    its largest possible size, m - 1."""
+    m = min(d_out, d_in)
+    if config.frame == "full":
+        k = m
+    elif config.head_energy is not None:
+        k = m - 1
+    else:
+        k = head_from_count(config, m, where)
+    small = 8 if weight_dtype == torch.float64 else 4
+    return k * (d_out + d_in) * frame_storage_dtype(weight_dtype, config).itemsize + 2 * k * small
+
+
 def head_svd_settings(h: int, config: TailLoRConfig) -> tuple[int, int]:
     """(oversample, niter) for a head frame of size h: the config's values, else accurate defaults."""
     oversample = config.svd_oversample if config.svd_oversample is not None else max(HEAD_MIN_OVERSAMPLE, 2 * h)
@@ -63,7 +89,8 @@ def penalty_weights(S: Tensor, h: int, weighting: str) -> Tensor:
 
 class SpectralFrame(nn.Module):
     """The fixed basis of one layer. U (d_out, k), S (k,), V (d_in, k) and omega2 (k,) are non-persistent buffers
-    (float32, float64 for a float64 weight); ``head_size`` is h. k = min(d_out, d_in) (full) or h (head)."""
+    (U and V in :func:`frame_storage_dtype`, S and omega2 float32, float64 for a float64 weight); ``head_size``
+    is h. k = min(d_out, d_in) (full) or h (head)."""
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor, head_size: int, omega2: Tensor, mode: str):
         super().__init__()

@@ -1,0 +1,181 @@
+"""The memory suite of ``taillor bench``: host memory of applying TailLoR and of one training step on a Llama-shaped
+model built from a transformers config (random weights, nothing downloaded), full vs head frame, float32 or 4-bit
+(bitsandbytes nf4) base, next to PEFT LoRA (QLoRA on the 4-bit base) at the same rank.
+
+How it is measured: each (shape, base, method) runs in a fresh Python process (``python -m taillor.bench.memory``),
+so that no allocation of one case lingers in the next. Memory is the process's resident set from
+``/proc/self/status`` (Linux): ``VmRSS`` now and ``VmHWM``, its peak, which writing ``5`` to
+``/proc/self/clear_refs`` resets, so a phase's peak is ``VmHWM`` after it minus ``VmRSS`` before it. Before each
+phase the heap's free memory goes back to the system (glibc ``malloc_trim``): otherwise memory freed earlier — the
+float weights that a 4-bit conversion replaced — is reused by the phase without showing in the resident set. This
+counts every byte the process touched; tracemalloc would miss torch's allocations. "Kept" is ``VmRSS`` after the
+phase, once the heap's free memory is returned too, minus ``VmRSS`` before it: what the phase left allocated.
+
+The estimate checked against it (:func:`estimate_apply_bytes`): applying TailLoR keeps the frames
+(:func:`taillor.estimate_frame_bytes`), a second copy of them in the in-memory frame cache (up to
+``TAILLOR_FRAME_CACHE_MB``, default 1024 MB) and A, B (float32).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+MEMORY_SHAPES = {
+    # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config).
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # A toy shape for --fast (CI): the numbers mean nothing.
+    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
+}
+MEMORY_METHODS = ("taillor-full", "taillor-head", "lora")
+MEMORY_BASES = ("fp32", "nf4")
+RANK = 8
+TOKENS = 128
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    """Return the heap's free memory to the system, then restart VmHWM at VmRSS: memory freed earlier (the float
+    weights a 4-bit conversion replaced, say) would otherwise be reused without showing in the resident set."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed memory may then hide part of a phase's allocations
+        pass
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def llama_model(shape: str, base: str):
+    """A LlamaForCausalLM of ``shape`` (random weights, float32); with base="nf4" the decoder's linear layers are
+    bitsandbytes Linear4bit (nf4, double quantization), as QLoRA loads them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=TOKENS, **MEMORY_SHAPES[shape]))
+    if base == "nf4":
+        import bitsandbytes as bnb
+        for name, module in list(model.model.layers.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                          quant_type="nf4", compress_statistics=True, compute_dtype=torch.float32)
+                layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=True)
+                parent, _, child = name.rpartition(".")
+                setattr(model.model.layers.get_submodule(parent), child, layer.to("cpu"))
+        model.is_loaded_in_4bit = True  # what PEFT reads to wrap bitsandbytes layers
+    return model
+
+
+def estimate_apply_bytes(model, config) -> dict[str, int]:
+    """The memory applying TailLoR keeps: frames, their copy in the frame cache, A and B (see the module doc)."""
+    import taillor
+    from taillor.frame.cache import cache_limit_bytes
+    frames = sum(taillor.estimate_frame_bytes(model, config).values())
+    bases = taillor.find_target_modules(model, config)
+    factors = 0
+    for module in bases.values():
+        d_out, d_in = module.out_features, module.in_features
+        k = min(d_out, d_in) if config.frame == "full" else None
+        factors += 4 * config.rank * ((2 * k) if k is not None else (d_in + d_out))
+    cache = min(frames, cache_limit_bytes())
+    return {"frames": frames, "frame_cache": cache, "factors": factors, "total": frames + cache + factors}
+
+
+def probe(shape: str, base: str, method: str) -> dict:
+    """One case, in this process: the memory of building, applying and one AdamW training step (bytes)."""
+    import torch
+    import taillor
+    if shape != "toy":  # first run everything once on the toy shape: imports and one-time set-up are not counted
+        probe("toy", base, method)
+    model = llama_model(shape, base)
+    vocab = MEMORY_SHAPES[shape]["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    _reset_peak()
+    rss_model = _status("VmRSS")
+    estimate = None
+    if method == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
+    else:
+        config = taillor.TailLoRConfig(rank=RANK, alpha=2 * RANK, target_modules="all-linear",
+                                       frame=method.split("-")[1], head=0.25)
+        estimate = estimate_apply_bytes(model, config)
+        taillor.apply_taillor(model, config, progress=False)
+    apply_peak = _status("VmHWM") - rss_model
+    _reset_peak()  # what stays allocated, without the heap's free memory
+    apply_kept = _status("VmRSS") - rss_model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    _reset_peak()
+    rss_before_step = _status("VmRSS")
+    loss = model(input_ids=tokens, labels=tokens).loss
+    if method != "lora":
+        loss = loss + taillor.spectral_penalty(model)
+    loss.backward()
+    optimizer.step()
+    step_peak = _status("VmHWM") - rss_before_step
+    return {"suite": "memory", "shape": shape, "base": base, "method": method, "model_bytes": rss_model,
+            "apply_peak": apply_peak, "apply_kept": apply_kept, "step_peak": step_peak,
+            "trainable": sum(p.numel() for p in trainable), "estimate": estimate}
+
+
+def memory_shapes() -> list[str]:
+    """The shapes the memory suite measures (the toy one in fast mode)."""
+    from .shapes import fast_mode
+    return ["toy"] if fast_mode() else ["smollm2-135m"]
+
+
+def measure_memory(shape: str, bases=MEMORY_BASES, methods=MEMORY_METHODS, tick=None) -> list[dict]:
+    """Rows of the memory suite: one fresh process per (base, method)."""
+    rows = []
+    for base in bases:
+        for method in methods:
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            done = subprocess.run([sys.executable, "-m", "taillor.bench.memory", shape, base, method],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                rows.append({"suite": "memory", "shape": shape, "base": base, "method": method,
+                             "skipped": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if tick is not None:
+                tick(0)
+    return rows
+
+
+def memory_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, lines) in MiB; the estimate column is the apply estimate and its error against the kept memory."""
+    header = ["shape", "base", "method", "process MiB (model built)", "apply peak MiB", "apply kept MiB", "estimate MiB",
+              "estimate vs kept", "step peak MiB", "trainable"]
+    lines = []
+    for r in rows:
+        if r.get("suite") != "memory":
+            continue
+        if "skipped" in r:
+            lines.append([r["shape"], r["base"], r["method"], "skipped: " + r["skipped"]] + [""] * 6)
+            continue
+        mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+        est: Optional[dict] = r["estimate"]
+        lines.append([r["shape"], r["base"], r["method"], mib(r["model_bytes"]), mib(r["apply_peak"]),
+                      mib(r["apply_kept"]), mib(est["total"]) if est else "—",
+                      f"{100 * (est['total'] / r['apply_kept'] - 1):+.1f} %" if est and r["apply_kept"] > 0 else "—",
+                      mib(r["step_peak"]), f"{r['trainable']:,}"])
+    return header, lines
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe(*sys.argv[1:4])))

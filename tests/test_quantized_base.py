@@ -1,0 +1,169 @@
+"""TailLoR on bitsandbytes quantized bases (Linear4bit nf4 / fp4, with and without double quantization;
+Linear8bitLt): outputs and gradients against the float64 oracle built from the dequantized weight, B = 0 gives the
+quantized base's own output, consolidations stay an exact frozen term, save/load and PEFT export reproduce the
+model, merging is refused with the model untouched. Skipped, with the reason, where bitsandbytes is missing."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import taillor
+from taillor.base import base_for
+from conftest import assert_close, assert_matches_oracle, dense_delta, dense_layer_oracle
+
+QUANTIZED = ["nf4", "nf4-double", "fp4", "fp4-double", "int8"]
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    return pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install taillor[quant])")
+
+
+def quantize(bnb, linear: torch.nn.Linear, kind: str) -> torch.nn.Module:
+    """A bitsandbytes copy of ``linear`` (quantized on the CPU by .to("cpu"))."""
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        quant_type, double = kind.split("-")[0], kind.endswith("-double")
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  quant_type=quant_type, compress_statistics=double, compute_dtype=torch.float32)
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+                                         compress_statistics=double)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return layer.to("cpu")
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(40, 56)
+        self.down = torch.nn.Linear(56, 24)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def quantized_model(bnb, float_model: TwoLayers, kind: str) -> TwoLayers:
+    """The same quantized model every time from the same float model (bitsandbytes quantizes deterministically);
+    ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` are the flags PEFT reads to wrap bitsandbytes layers."""
+    model = copy.deepcopy(float_model)
+    model.up, model.down = quantize(bnb, model.up, kind), quantize(bnb, model.down, kind)
+    setattr(model, "is_loaded_in_8bit" if kind == "int8" else "is_loaded_in_4bit", True)
+    return model
+
+
+def randomize_B(model) -> None:
+    with torch.no_grad():
+        for _, layer in taillor.iter_taillor_layers(model):
+            layer.lora_B.normal_(0.0, 0.5)
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_quantized_layer_matches_float64_oracle_of_dequantized_weight(bnb, kind, frame):
+    torch.manual_seed(0)
+    base = quantize(bnb, torch.nn.Linear(48, 40), kind)
+    packed = base.weight.data.clone()
+    W = base_for(base).weight().double()
+    x = torch.randn(6, 48)
+    y_base = base(x)
+    layer = taillor.TailLoRLinear.from_linear(base, rank=3, head=5, frame=frame)
+    assert layer.base.quantized and layer.frame.U.dtype == torch.float32
+    # B = 0: exactly the quantized layer's own output.
+    assert torch.equal(layer(x), y_base)
+    # The frame is the SVD of the dequantized weight.
+    assert_matches_oracle(layer.frame.S, torch.linalg.svdvals(W)[:layer.frame.rank], torch.float32, "σ")
+    randomize_B(layer)
+    xq = x.clone().requires_grad_(True)
+    y = layer(xq)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    # Oracle: x Wᵀ + b + s·x ΔWᵀ in float64, W the dequantized weight.
+    y64, dx64, dA64, dB64 = dense_layer_oracle(layer, x, dy, W, base.bias)
+    assert_matches_oracle(y, y64, torch.float32, f"{kind} output")
+    assert_matches_oracle(xq.grad, dx64, torch.float32, f"{kind} dx")
+    assert_matches_oracle(layer.lora_A.grad, dA64, torch.float32, f"{kind} dA")
+    assert_matches_oracle(layer.lora_B.grad, dB64, torch.float32, f"{kind} dB")
+    # Gradients never touch the quantized weight.
+    assert base.weight.grad is None and not base.weight.requires_grad
+    assert torch.equal(base.weight.data, packed)
+
+
+@pytest.mark.parametrize("kind", ["nf4-double", "int8"])
+def test_quantized_consolidation_save_load_and_peft_export_reproduce_the_model(bnb, kind, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    torch.manual_seed(1)
+    float_model = TwoLayers()
+    model = quantized_model(bnb, float_model, kind)
+    config = taillor.TailLoRConfig(rank=3, target_modules=["up", "down"], head=4)
+    taillor.apply_taillor(model, config, progress=False)
+    x = torch.randn(5, 40)
+    outputs = []
+    for _ in range(2):  # two finished tasks: each stays a frozen low-rank term, outputs unchanged
+        randomize_B(model)
+        before = model(x)
+        assert taillor.consolidate(model) == 2
+        assert_close(model(x), before, "reordered", "consolidate")
+        outputs.append(before)
+    randomize_B(model)
+    expected = model(x)
+    for _, layer in taillor.iter_taillor_layers(model):
+        assert layer.tasks_consolidated == 2 and layer.consolidated_up.shape[1] == 6
+        # The finished tasks are exactly the recorded factors: the forward is base + frozen term + adapter.
+        frozen = layer.consolidated_up.double() @ layer.consolidated_down.double()
+        assert_matches_oracle(layer.learned_delta(), frozen + dense_delta(layer), torch.float32, "learned ΔW")
+
+    taillor.save_adapter(model, str(tmp_path / "adapter"))
+    reloaded = quantized_model(bnb, float_model, kind)
+    taillor.load_adapter(reloaded, str(tmp_path / "adapter"))
+    assert_close(reloaded(x), expected, "reloaded", "save/load")
+
+    taillor.export_lora(model, str(tmp_path / "lora"))
+    with_peft = peft.PeftModel.from_pretrained(quantized_model(bnb, float_model, kind), str(tmp_path / "lora"))
+    wrapped = type(with_peft.base_model.model.up)
+    assert wrapped.__module__.startswith("peft.tuners.lora.bnb"), wrapped
+    # PEFT puts its model in eval mode; bitsandbytes' 8-bit CPU product differs between modes (int8 activations in
+    # eval), so both sides are compared in eval mode.
+    model.eval()
+    assert_close(with_peft(x), model(x), "reloaded", "PEFT export")
+
+
+def test_merge_and_unload_on_quantized_base_is_refused_and_changes_nothing(bnb):
+    torch.manual_seed(2)
+    model = quantized_model(bnb, TwoLayers(), "nf4")
+    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=["up", "down"]), progress=False)
+    randomize_B(model)
+    x = torch.randn(3, 40)
+    before = model(x)
+    with pytest.raises(TypeError, match="quantized base.*export_lora"):
+        taillor.merge_and_unload(model)
+    assert len(list(taillor.iter_taillor_layers(model))) == 2
+    assert torch.equal(model(x), before)
+    with pytest.raises(TypeError, match="cannot be folded"):
+        model.up.merge()
+
+
+def test_target_that_is_not_a_linear_names_the_supported_kinds():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 1))
+    with pytest.raises(TypeError, match="Linear4bit or Linear8bitLt"):
+        taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=["1"]), progress=False)
+
+
+def test_taillor_works_where_bitsandbytes_cannot_be_imported():
+    """bitsandbytes is optional: with it blocked, taillor imports and wraps nn.Linear as before."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
+            "import torch, taillor\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+            "taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=['0']), progress=False)\n"
+            "assert 'bitsandbytes' not in sys.modules or sys.modules['bitsandbytes'] is None\n"
+            "print(type(model[0]).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "TailLoRLinear"
