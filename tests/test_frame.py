@@ -115,17 +115,20 @@ def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
 
 
 def test_full_and_head_frames_share_one_exact_svd(monkeypatch):
-    """A head frame cut from the exact SVD reuses the full frame's decomposition (any seed or head), and equals
-    the top-h triplets of it."""
+    """A head frame cut from the exact SVD reuses a cached full frame's decomposition (any seed or head) and equals
+    its top-h triplets; alone, it caches only its own h triplets."""
     taillor.clear_frame_cache()
     calls = []
     real_svd = torch.linalg.svd
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
     W = torch.randn(20, 30)
+    alone = compute_frame(W, taillor.TailLoRConfig(frame="head", head=7), "w")  # no full frame cached yet
+    assert len(calls) == 1 and alone.U.shape == (20, 7)
     full = compute_frame(W, taillor.TailLoRConfig(head=3), "w")
+    assert len(calls) == 2
     heads = [compute_frame(W, taillor.TailLoRConfig(frame="head", head=h, seed=seed), "w")
              for h, seed in ((8, 0), (8, 1), (9, 0))]
-    assert len(calls) == 1
+    assert len(calls) == 2  # cut from the cached full frame's SVD
     for head in heads:
         h = head.head_size
         assert head.U.shape == (20, h) and torch.equal(head.U, full.U[:, :h]) and torch.equal(head.S, full.S[:h])

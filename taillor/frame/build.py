@@ -44,8 +44,13 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     # One exact SVD per weight serves the full frame and every head frame cut from it.
     exact = {where: mode.full_spectrum or head_uses_exact_svd(heads[where], min(w.shape), config)
              for where, w in weights.items()}
-    keys = {where: cache_key(w, config, exact[where]) for where, w in weights.items()}
-    entries = {where: FRAME_CACHE.get(keys[where], config.frame_cache_dir) for where in weights}
+    keys = {where: cache_key(w, config, exact[where], None if mode.full_spectrum else heads[where])
+            for where, w in weights.items()}
+    entries = {}
+    for where, w in weights.items():
+        entries[where] = FRAME_CACHE.get(keys[where], config.frame_cache_dir)
+        if entries[where] is None and exact[where] and not mode.full_spectrum:  # a full frame's SVD, cut below
+            entries[where] = FRAME_CACHE.get(cache_key(w, config, True), config.frame_cache_dir)
     missing = sorted(where for where, entry in entries.items() if entry is None)
     rank, world = _distributed_rank_world()
     owners = {where: i % world for i, where in enumerate(missing)}
@@ -70,6 +75,8 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     if world > 1:
         _broadcast_frames(missing, owners, entries, weights, heads, exact, config)
     for where in missing:
+        if exact[where] and not mode.full_spectrum:  # a head frame keeps (and caches) only its h triplets
+            entries[where] = tuple(t[..., :heads[where]].contiguous() for t in entries[where])
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
     frames = {}

@@ -3,9 +3,10 @@ adapter, so they are cached by a digest of the weight (a changed weight never re
 bounded by ``TAILLOR_FRAME_CACHE_MB`` (default 1024, read whenever the cache grows), and on disk as
 safetensors under ``config.frame_cache_dir`` when it is set.
 
-An entry is the decomposition (U, S, V) of one weight. Exact SVDs are keyed by the weight alone, so the full
-frame and every head frame cut from the exact SVD (whatever their head, seed or weighting) share one entry;
-randomized head frames are keyed by the weight and every setting that shapes the sketch.
+An entry is the decomposition (U, S, V) of one weight. The exact SVD is keyed by the weight and the number of
+triplets kept, so a head frame cut from it keeps only its h triplets in memory, and reuses a cached full frame's
+SVD when there is one (whatever its seed or weighting); randomized head frames are keyed by the weight and every
+setting that shapes the sketch.
 """
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ def weight_digest(weight: Tensor) -> str:
     return hasher.hexdigest()
 
 
-def cache_key(weight: Tensor, config: TailLoRConfig, exact: bool) -> str:
+def cache_key(weight: Tensor, config: TailLoRConfig, exact: bool, head: Optional[int] = None) -> str:
     """The key of ``weight``'s decomposition: its digest (dtype included) and device, the frame dtype when set,
-    and for a randomized (not ``exact``) SVD every setting of ``config`` that shapes the sketch."""
+    and for the ``exact`` SVD how many triplets are kept (``head``; None: all), else every setting of ``config``
+    that shapes the randomized sketch."""
     shaping = (str(weight.device), config.frame_dtype)
-    if not exact:
+    if exact:
+        shaping += (head,)
+    else:
         shaping += (config.head, config.head_energy, config.svd_oversample, config.svd_niter, config.seed)
     kind = "exact" if exact else "sketch"
     return f"{weight_digest(weight)}-{kind}-{hashlib.blake2b(repr(shaping).encode(), digest_size=8).hexdigest()}"
