@@ -222,17 +222,18 @@ def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str
     """Run each point for ``settings.seeds`` seeds in ``settings.workers`` processes; write ``<kind>.json``,
     ``<kind>.png`` and ``<kind>.md`` to ``out_dir`` and return the JSON document."""
     from .methods import describe, run_job
-    from .pool import run_jobs
-    from .run import environment, prepare
+    from .pool import run_jobs, worker_pool
+    from .run import environment, load_base, prepare
     from .summary import with_plasticity
 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    ctx = prepare(settings, log)
     jobs = [(p.method, p.settings(settings), seed) for seed in range(settings.seeds) for p in points]
-    log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
-        f"worker(s), {settings.steps} steps/task")
-    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
+    with worker_pool(settings.workers, len(jobs), load_base, settings) as pool:
+        ctx = prepare(settings, log)
+        log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
+            f"worker(s), {settings.steps} steps/task")
+        runs = run_jobs(jobs, ctx, run_job, describe, log, pool)
     for index, run in enumerate(runs):
         run["point"] = index % len(points)  # jobs are seed-major
     runs = with_plasticity(runs)

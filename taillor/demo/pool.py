@@ -1,29 +1,30 @@
-"""Run demo jobs — (method, settings, seed) triples — in worker processes, one torch thread each.
+"""Run demo jobs — (method, settings, seed, ...) tuples — in worker processes, one torch thread each.
 
 Small models on a CPU use one core poorly with several threads (the matrices are too small to split well), so
 two processes with one thread each finish two methods in about the time one process with two threads takes for
-one. Each worker prepares the data and the base model once (the demo's ``prepare``); jobs differ only in their
-settings' training fields, never in the data. Workers are started with ``spawn``: forking a process whose OpenMP
-pool is running can hang.
+one. A worker loads what lives with the model once, when it starts (the demo's ``load``: model, tokenizer), while
+the main process builds the data; each job then brings the main process's data (texts, base measurements), so
+no worker builds the data again. Workers are started with ``spawn``: forking a process whose OpenMP pool is
+running can hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
-__all__ = ["run_jobs"]
+__all__ = ["WorkerPool", "worker_pool", "run_jobs"]
 
-Job = tuple  # (method name, settings, seed)
+Job = tuple  # (method name, settings, seed, ...)
 _WORKER_CONTEXT: dict = {}
 # Longest first (full fine-tuning, then the adapters, the frozen reference last), so that the workers finish
 # together instead of one waiting on a long job submitted last.
 _COST_RANK = {"full-ft": 0, "frozen": 2}
 
 
-def _init_worker(prepare: Callable, data_settings) -> None:
+def _init_worker(load: Callable[[Any], dict], settings) -> None:
     import warnings
 
     import torch
@@ -31,29 +32,63 @@ def _init_worker(prepare: Callable, data_settings) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     torch.set_num_threads(1)
-    _WORKER_CONTEXT.update(prepare(data_settings, log=lambda *_: None))
+    _WORKER_CONTEXT.update(load(settings))
 
 
-def _run_in_worker(run: Callable, job: Job) -> dict:
-    return run(job, _WORKER_CONTEXT)
+def _loaded_keys() -> frozenset:
+    return frozenset(_WORKER_CONTEXT)
 
 
-def run_jobs(jobs: Iterable[Job], ctx: dict, data_settings, workers: int, run: Callable[[Job, dict], dict],
-             prepare: Callable[..., dict], describe: Callable[[dict], str],
-             log: Callable[[str], None] = print) -> list[Any]:
-    """``run(job, ctx)`` for every job, in ``workers`` processes when workers > 1 (each builds its own context
-    with ``prepare(data_settings, log=...)``), else here with ``ctx``. Returns the records in job order; ``log``
-    gets ``describe(record)`` for each finished job. ``run`` and ``prepare`` must be module-level functions."""
-    jobs = list(jobs)
-    if workers <= 1 or len(jobs) <= 1:
-        return [run(job, ctx) for job in jobs]
-    results: list = [None] * len(jobs)
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(prepare, replace(data_settings, workers=1))) as pool:
+def _run_in_worker(run: Callable, job: Job, shared: dict) -> dict:
+    return run(job, {**_WORKER_CONTEXT, **shared})
+
+
+class WorkerPool:
+    """``workers`` spawned processes, started at once; each calls ``load(settings)`` (a module-level function
+    returning a dict: what every job needs and each process must hold itself, e.g. the model) when it starts."""
+
+    def __init__(self, workers: int, load: Callable[[Any], dict], settings):
+        if workers < 2:
+            raise ValueError(f"a WorkerPool needs at least 2 workers, got {workers}")
+        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(load, settings))
+        # One submission per worker starts them all now, so they load while the caller prepares its data.
+        self._started = [self._executor.submit(_loaded_keys) for _ in range(workers)]
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, jobs: list, ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
+            log: Callable[[str], None] = print) -> list:
+        """``run(job, worker context + ctx)`` for every job; each job carries the entries of ``ctx`` that the
+        workers did not load themselves."""
+        loaded = frozenset().union(*(f.result() for f in self._started))
+        shared = {k: v for k, v in ctx.items() if k not in loaded}
+        results: list = [None] * len(jobs)
         order = sorted(range(len(jobs)), key=lambda i: _COST_RANK.get(jobs[i][0], 1))
-        futures = {pool.submit(_run_in_worker, run, jobs[i]): i for i in order}
+        futures = {self._executor.submit(_run_in_worker, run, jobs[i], shared): i for i in order}
         for done, future in enumerate(as_completed(futures), 1):
             i = futures[future]
             results[i] = future.result()
             log(f"  [{done}/{len(jobs)}] {describe(results[i])}")
-    return results
+        return results
+
+
+def worker_pool(workers: int, jobs: int, load: Callable[[Any], dict], settings):
+    """A :class:`WorkerPool` of ``min(workers, jobs)`` processes, or a context holding None when that is one
+    (the jobs then run in the calling process)."""
+    n = min(workers, jobs)
+    return WorkerPool(n, load, settings) if n > 1 else contextlib.nullcontext(None)
+
+
+def run_jobs(jobs: Iterable[Job], ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
+             log: Callable[[str], None] = print, pool: Optional[WorkerPool] = None) -> list:
+    """``run(job, ctx)`` for every job: in ``pool``'s workers when given, else here. Returns the records in job
+    order; ``log`` gets ``describe(record)`` for each finished job. ``run`` must be a module-level function."""
+    jobs = list(jobs)
+    if pool is None:
+        return [run(job, ctx) for job in jobs]
+    return pool.run(jobs, ctx, run, describe, log)

@@ -32,42 +32,53 @@ from dataclasses import asdict, replace
 
 from .settings import DEFAULT, LABELS, METHODS, QUICK, DemoSettings
 
-__all__ = ["main", "prepare", "run_demo", "environment"]
+__all__ = ["main", "load_base", "prepare", "run_demo", "environment"]
+
+
+def load_base(settings: DemoSettings) -> dict:
+    """The base model and what comes from it alone: ``tokenizer``, ``model`` (never trained) and ``pretrained``
+    ({target layer name: weight}). What a worker process loads itself (:mod:`taillor.demo.pool`)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    from .model import load_model
+
+    tok, base = load_model()
+    mods = dict(base.named_modules())
+    targets = [name for name, mod in mods.items()
+               if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in settings.targets]
+    return {"tokenizer": tok, "model": base,
+            "pretrained": {nm: mods[nm].weight.detach().float().clone() for nm in targets}}
 
 
 def prepare(settings: DemoSettings, log=print) -> dict:
     """Build the tasks and the retrieval probe, load the model, embed the probe with the base model.
 
-    Returns a dict with ``tasks``, ``retrieval``, ``tokenizer``, ``model`` (the base model, never trained),
-    ``base_emb``, ``base_values`` ({"retrieval_r1", "cosine_to_base"} of the base model) and ``pretrained``
-    ({target layer name: weight}).
+    Returns :func:`load_base`'s dict plus ``tasks``, ``retrieval``, ``base_emb`` and ``base_values``
+    ({"retrieval_r1", "cosine_to_base"} of the base model).
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
 
     from . import data
-    from .model import Encoder, encode, load_model
+    from .model import Encoder, encode
 
     tasks = data.build_tasks(settings.n_train, settings.n_test, seed=0)
     retrieval = data.retrieval_pairs(settings.retrieval_pairs, seed=0)
-    tok, base = load_model()
+    ctx = load_base(settings)
     log(f"model all-MiniLM-L6-v2 from {data_source_model()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads")
     for t in tasks:
         log(f"task {t.name}: {t.num_classes} classes ({', '.join(t.labels)}), {len(t.train)} train / "
             f"{len(t.test)} test")
-    base_emb = encode(Encoder(base), tok, retrieval.queries + retrieval.docs, settings.max_length)
+    base_emb = encode(Encoder(ctx["model"]), ctx["tokenizer"], retrieval.queries + retrieval.docs, settings.max_length)
     n = len(retrieval)
     q = torch.nn.functional.normalize(base_emb[:n], dim=-1)
     d = torch.nn.functional.normalize(base_emb[n:], dim=-1)
     base_r1 = (q @ d.t()).argmax(1).eq(torch.arange(n)).float().mean().item()
     log(f"retention probe: {n} docstring→code pairs from the stdlib's top-level modules; base R@1 = {base_r1:.3f}")
-    targets = [name for name, mod in base.named_modules()
-               if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in settings.targets]
-    mods = dict(base.named_modules())
-    return {"tasks": tasks, "retrieval": retrieval, "tokenizer": tok, "model": base, "base_emb": base_emb,
-            "base_values": {"retrieval_r1": base_r1, "cosine_to_base": 1.0},
-            "pretrained": {nm: mods[nm].weight.detach().float().clone() for nm in targets}}
+    ctx.update(tasks=tasks, retrieval=retrieval, base_emb=base_emb,
+               base_values={"retrieval_r1": base_r1, "cosine_to_base": 1.0})
+    return ctx
 
 
 def environment() -> dict:
@@ -87,17 +98,18 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
     from ..report import SpectralRow, plot_spectral_report
     from .plots import plot_demo
     from .methods import describe, run_job
-    from .pool import run_jobs
+    from .pool import run_jobs, worker_pool
     from .summary import aggregate, format_table, with_plasticity
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    ctx = prepare(settings, log)
-    log(f"setup {time.perf_counter() - t0:.1f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) on "
-        f"{settings.workers} worker(s)")
     jobs = [(name, settings, seed) for seed in range(settings.seeds) for name in settings.methods]
-    runs = with_plasticity(run_jobs(jobs, ctx, settings, settings.workers, run_job, prepare, describe, log))
+    with worker_pool(settings.workers, len(jobs), load_base, settings) as pool:
+        ctx = prepare(settings, log)
+        log(f"setup {time.perf_counter() - t0:.1f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) "
+            f"on {settings.workers} worker(s)")
+        runs = with_plasticity(run_jobs(jobs, ctx, run_job, describe, log, pool))
     agg = aggregate(runs, settings.methods)
     table = format_table(runs, settings.methods)
     tasks = ctx["tasks"]
