@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           f"(default {DEFAULT.seeds}, {QUICK.seeds} with --quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<timestamp>/)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+                   help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (default: all; with --quick all "
+                        f"but full-ft)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"processes running methods side by side, one torch thread each (default {DEFAULT.workers})")
     for name, kind, text in (("steps", int, "optimizer steps per task"),
@@ -199,7 +200,8 @@ def settings_from_args(args) -> DemoSettings:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         overrides["workers"] = args.workers
     if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = METHODS if args.methods.strip() == "all" else tuple(
+            m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in methods if m not in METHODS]
         if bad or not methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
