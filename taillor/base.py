@@ -136,7 +136,12 @@ class QuantizedBase(LinearBase):
         raise TypeError(f"a {self.kind} base is quantized: an update cannot be folded into its weight without "
                         "requantizing it (and losing part of the update). Keep the TailLoR layers (finished tasks "
                         "stay an exact frozen low-rank term), export a PEFT LoRA adapter for the same quantized base "
-                        "with taillor.export_lora, or merge onto an unquantized copy of the model")
+                        "with taillor.export_lora, merge onto an unquantized copy of the model, or accept the loss "
+                        "with taillor.merge_and_requantize (it reports it)")
+
+    def requantize(self, weight: Tensor) -> None:
+        """Replace the packed weight by ``weight`` (d_out, d_in), quantized in the layer's own format, in place."""
+        raise NotImplementedError
 
 
 class Linear4bitBase(QuantizedBase):
@@ -168,6 +173,15 @@ class Linear4bitBase(QuantizedBase):
         with torch.no_grad():
             return bnbf.dequantize_4bit(data, state).reshape(self.out_features, self.in_features)
 
+    def requantize(self, weight: Tensor) -> None:
+        """``weight`` quantized with this layer's quant type, block size, double quantization and storage."""
+        import bitsandbytes as bnb
+        old = self.module.weight
+        fresh = bnb.nn.Params4bit(weight.detach().to(self.dtype).cpu(), requires_grad=False,
+                                  quant_type=old.quant_type, compress_statistics=old.compress_statistics,
+                                  blocksize=old.blocksize, quant_storage=old.quant_storage, module=self.module)
+        self.module.weight = fresh.to(self.device)  # bitsandbytes quantizes when the parameter moves to a device
+
 
 class Linear8bitBase(QuantizedBase):
     """bitsandbytes ``Linear8bitLt`` with int8 weights (``has_fp16_weights=False``, LLM.int8() inference)."""
@@ -185,6 +199,17 @@ class Linear8bitBase(QuantizedBase):
                             "quantizes them); wrap the float layer instead")
         with torch.no_grad():
             return bnbf.int8_vectorwise_dequant(packed.data, scales).float()
+
+    def requantize(self, weight: Tensor) -> None:
+        """``weight`` quantized row-wise to int8 (LLM.int8()), with a fresh matmul state (same threshold)."""
+        import bitsandbytes as bnb
+        old_state = self.module.state
+        fresh = bnb.nn.Int8Params(weight.detach().float().cpu(), requires_grad=False, has_fp16_weights=False)
+        state = bnb.MatmulLtState()
+        state.threshold, state.has_fp16_weights, state.use_pool = (old_state.threshold, False,
+                                                                   old_state.use_pool)
+        self.module.state = state
+        self.module.weight = fresh.to(self.device)  # bitsandbytes quantizes when the parameter moves to a device
 
 
 # Quantized kinds first: bitsandbytes' layers subclass nn.Linear.

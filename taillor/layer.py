@@ -83,6 +83,7 @@ class TailLoRLinear(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.tasks_consolidated = 0
+        self._factor_cache = None  # (key, P, Q) of adapter_factors without autograd
         self.reset_adapter()
 
     # ------------------------------------------------------------------------------------------------------
@@ -140,8 +141,22 @@ class TailLoRLinear(nn.Module):
 
     def adapter_factors(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
         """(P, Q) with ΔW = s·Q Pᵀ: P (d_in, r), Q (d_out, r) in ``dtype`` (default: the adapter's);
-        differentiable. A 16-bit ``dtype`` makes the full-frame projection write its output in it directly."""
-        return self.frame_mode.layer_factors(self.lora_A, self.lora_B, self.frame, dtype)
+        differentiable. A 16-bit ``dtype`` makes the full-frame projection write its output in it directly.
+
+        Without autograd (evaluation, generation under no_grad or inference_mode) they are computed once and
+        reused until A, B or the frame change: a full-frame projection reads the whole frame (k·(d_in + d_out)
+        numbers), which costs more than the layer's own product when one token is decoded at a time.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.frame_mode.layer_factors(self.lora_A, self.lora_B, self.frame, dtype)
+        key = (dtype, torch.is_inference_mode_enabled()) + tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device) for t in (self.lora_A, self.lora_B, self.frame.U,
+                                                                    self.frame.V) if t is not None)
+        cached = self._factor_cache
+        if cached is None or cached[0] != key:
+            cached = self._factor_cache = (key, *self.frame_mode.layer_factors(self.lora_A, self.lora_B,
+                                                                               self.frame, dtype))
+        return cached[1], cached[2]
 
     def delta_weight(self) -> Tensor:
         """The current task's update ΔW = s·U B A Vᵀ (full) or s·B A (head), (d_out, d_in), adapter dtype."""

@@ -207,12 +207,53 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if quantized:
         raise TypeError(f"merge_and_unload: {len(quantized)} layers have a quantized base ({quantized[:3]}...); "
                         "merging would requantize their weights and lose part of the update. Keep the TailLoR "
-                        "layers, use taillor.export_lora (a PEFT LoRA adapter for the same quantized base), or "
-                        "taillor.load_adapter onto an unquantized copy of the model and merge that. Nothing changed.")
+                        "layers, use taillor.export_lora (a PEFT LoRA adapter for the same quantized base), "
+                        "taillor.load_adapter onto an unquantized copy of the model and merge that, or "
+                        "taillor.merge_and_requantize (it requantizes and reports the loss). Nothing changed.")
     for name, layer in layers:
         layer.merge()
         _replace_module(model, name, layer.base_layer)
     return model
+
+
+@dataclass(frozen=True)
+class RequantizationError:
+    """What requantizing one merged layer cost, as relative Frobenius norms. W' = W + ΔW is the exact merged weight
+    (W the dequantized base, ΔW everything learned), Ŵ' the dequantized result.
+
+    weight_error = ‖Ŵ' − W'‖ / ‖W'‖: the merged weight's quantization error.
+    update_error = ‖(Ŵ' − W) − ΔW‖ / ‖ΔW‖: the part of the learned update that requantization lost or distorted
+    (0: kept exactly; about 1: the update is gone, e.g. smaller than the quantization step).
+    """
+
+    weight_error: float
+    update_error: float
+
+
+def merge_and_requantize(model: nn.Module) -> dict[str, RequantizationError]:
+    """:func:`merge_and_unload` that accepts quantized bases: each quantized layer's learned update is added to its
+    dequantized weight, requantized in the layer's own format (bitsandbytes nf4/fp4, double quantization, int8)
+    and the quantized layer put back. This loses part of the update: the returned report says how much, per
+    quantized layer name. Unquantized layers merge exactly, as in :func:`merge_and_unload`. One layer is
+    dequantized at a time. The exact alternatives: keep the TailLoR layers, or :func:`taillor.export_lora`.
+    """
+    layers = require_taillor_layers(model, "merge_and_requantize")
+    report = {}
+    for name, layer in layers:
+        if layer.base.quantized:
+            with torch.no_grad():
+                before = layer.base.weight().float()
+                delta = layer.learned_delta().float()
+                target = before + delta
+                layer.base.requantize(target)
+                after = layer.base.weight().float()
+                report[name] = RequantizationError(
+                    weight_error=float((after - target).norm() / target.norm().clamp_min(1e-30)),
+                    update_error=float((after - before - delta).norm() / delta.norm().clamp_min(1e-30)))
+        else:
+            layer.merge()
+        _replace_module(model, name, layer.base_layer)
+    return report
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,50 @@ def test_merge_and_unload_on_quantized_base_is_refused_and_changes_nothing(bnb):
         model.up.merge()
 
 
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_merge_and_requantize_puts_back_the_requantized_layer_and_reports_the_loss(bnb, kind):
+    """The merged weight W + ΔW (ΔW: a consolidated task plus the current adapter) is requantized in the layer's
+    own format: the same packed weight as quantizing W + ΔW directly, and the report's errors are the norms it
+    defines, recomputed here."""
+    torch.manual_seed(4)
+    model = quantized_model(bnb, TwoLayers(), kind)
+    kinds = {name: type(getattr(model, name)) for name in ("up", "down")}
+    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=["up", "down"]), progress=False)
+    randomize_B(model)
+    taillor.consolidate(model)
+    randomize_B(model)
+    layers = dict(taillor.iter_taillor_layers(model))
+    before = {n: base_for(layer.base_layer).weight().float() for n, layer in layers.items()}
+    delta = {n: layer.learned_delta().detach().float() for n, layer in layers.items()}
+    report = taillor.merge_and_requantize(model)
+    assert set(report) == {"up", "down"} and not list(taillor.iter_taillor_layers(model))
+    inputs = {"up": torch.randn(5, 40), "down": torch.randn(5, 56)}
+    for name in ("up", "down"):
+        module, target = getattr(model, name), before[name] + delta[name]
+        assert type(module) is kinds[name]
+        reference = torch.nn.Linear(target.shape[1], target.shape[0])
+        with torch.no_grad():
+            reference.weight.copy_(target)
+            reference.bias.copy_(module.bias)
+        direct = quantize(bnb, reference, kind)
+        assert torch.equal(module.weight.data, direct.weight.data)
+        assert torch.equal(module(inputs[name]), direct(inputs[name]))
+        after = base_for(module).weight().float()
+        assert report[name].weight_error == pytest.approx(float((after - target).norm() / target.norm()), rel=1e-5)
+        assert report[name].update_error == pytest.approx(
+            float((after - before[name] - delta[name]).norm() / delta[name].norm()), rel=1e-5)
+        assert 0 < report[name].weight_error < 0.2
+
+
+def test_requantizing_loses_an_update_smaller_than_the_quantization_step(bnb):
+    torch.manual_seed(5)
+    model = quantized_model(bnb, TwoLayers(), "nf4")
+    taillor.apply_taillor(model, taillor.TailLoRConfig(rank=2, target_modules=["up"]), progress=False)
+    with torch.no_grad():
+        model.up.lora_B.normal_(0.0, 1e-5)  # ΔW far below nf4's step: requantization cannot represent it
+    report = taillor.merge_and_requantize(model)
+    assert report["up"].update_error > 0.9
+
 def test_target_that_is_not_a_linear_names_the_supported_kinds():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 1))
     with pytest.raises(TypeError, match="Linear4bit or Linear8bitLt"):

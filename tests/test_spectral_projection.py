@@ -12,7 +12,7 @@ import torch
 
 import taillor
 from taillor import functional as F
-from conftest import CUDA, DTYPE_ID, DTYPES, assert_matches_oracle, kernel_impls
+from conftest import CUDA, DTYPE_ID, DTYPES, assert_close, assert_matches_oracle, kernel_impls
 
 
 def _d(t):
@@ -132,3 +132,34 @@ def test_activation_dtype_through_the_function_matches_float64_oracle():
     assert dA.dtype == dB.dtype == torch.float32
     assert_matches_oracle(dA, dP.double().t() @ V.double(), torch.bfloat16, "dA")
     assert_matches_oracle(dB, U.double().t() @ dQ.double(), torch.bfloat16, "dB")
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_layer_reuses_its_factors_without_autograd_until_the_adapter_changes(frame, monkeypatch):
+    """Evaluation and generation run without autograd: a layer projects its factors once and reuses them until
+    A, B or the frame change; with autograd it projects on every call (the graph needs it)."""
+    torch.manual_seed(0)
+    layer = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=2, head=4, frame=frame)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    calls = []
+    project = layer.frame_mode.layer_factors
+    monkeypatch.setattr(layer.frame_mode, "layer_factors", lambda *a: calls.append(1) or project(*a))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(layer(x), first) and len(calls) == 1
+    with torch.inference_mode():
+        assert torch.equal(layer(x), first) and len(calls) == 2  # inference tensors are kept apart
+    layer(x).sum().backward()
+    layer(x)
+    assert len(calls) == 4
+    with torch.no_grad():
+        layer.lora_A.add_(0.5)  # an optimizer step changes A in place
+        moved = layer(x)
+        assert len(calls) == 5 and not torch.equal(moved, first)
+    assert torch.equal(moved, layer(x).detach())  # the reused factors are the ones a fresh projection gives
+    taillor.consolidate(torch.nn.Sequential(layer))  # folds ΔW into W and restarts A, B: the factors change
+    with torch.no_grad():
+        assert_close(layer(x), moved, "reordered", "after consolidation")
+    assert len(calls) >= 7  # the new A, B were projected
