@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .settings import LABELS, LR_FIELDS, DemoSettings
+from .settings import COST_ORDER, LABELS, LR_FIELDS, DemoSettings
 
 __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontier", "run_robustness", "run_points",
            "dominated", "format_frontier", "format_robustness"]
@@ -233,7 +233,7 @@ def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str
         ctx = prepare(settings, log)
         log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
             f"worker(s), {settings.steps} steps/task")
-        runs = run_jobs(jobs, ctx, run_job, describe, log, pool)
+        runs = run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER)
     for index, run in enumerate(runs):
         run["point"] = index % len(points)  # jobs are seed-major
     runs = with_plasticity(runs)

@@ -13,15 +13,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 __all__ = ["WorkerPool", "worker_pool", "run_jobs"]
 
 Job = tuple  # (method name, settings, seed, ...)
 _WORKER_CONTEXT: dict = {}
-# Longest first (full fine-tuning, then the adapters, the frozen reference last), so that the workers finish
-# together instead of one waiting on a long job submitted last.
-_COST_RANK = {"full-ft": 0, "frozen": 2}
 
 
 def _init_worker(load: Callable[[Any], dict], settings) -> None:
@@ -62,13 +59,15 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def run(self, jobs: list, ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
-            log: Callable[[str], None] = print) -> list:
+            log: Callable[[str], None] = print, order: Optional[Sequence[str]] = None) -> list:
         """``run(job, worker context + ctx)`` for every job; each job carries the entries of ``ctx`` that the
-        workers did not load themselves."""
+        workers did not load themselves. ``order``: method names in the order their jobs are handed out (the rest
+        after them), so that the workers finish together instead of one waiting on a long job handed out last."""
         loaded = frozenset().union(*(f.result() for f in self._started))
         shared = {k: v for k, v in ctx.items() if k not in loaded}
         results: list = [None] * len(jobs)
-        order = sorted(range(len(jobs)), key=lambda i: _COST_RANK.get(jobs[i][0], 1))
+        rank = {name: i for i, name in enumerate(order or ())}
+        order = sorted(range(len(jobs)), key=lambda i: rank.get(jobs[i][0], len(rank)))
         futures = {self._executor.submit(_run_in_worker, run, jobs[i], shared): i for i in order}
         for done, future in enumerate(as_completed(futures), 1):
             i = futures[future]
@@ -85,10 +84,12 @@ def worker_pool(workers: int, jobs: int, load: Callable[[Any], dict], settings):
 
 
 def run_jobs(jobs: Iterable[Job], ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
-             log: Callable[[str], None] = print, pool: Optional[WorkerPool] = None) -> list:
-    """``run(job, ctx)`` for every job: in ``pool``'s workers when given, else here. Returns the records in job
-    order; ``log`` gets ``describe(record)`` for each finished job. ``run`` must be a module-level function."""
+             log: Callable[[str], None] = print, pool: Optional[WorkerPool] = None,
+             order: Optional[Sequence[str]] = None) -> list:
+    """``run(job, ctx)`` for every job: in ``pool``'s workers when given (handed out in ``order``, see
+    :meth:`WorkerPool.run`), else here. Returns the records in job order; ``log`` gets ``describe(record)`` for each
+    finished job. ``run`` must be a module-level function."""
     jobs = list(jobs)
     if pool is None:
         return [run(job, ctx) for job in jobs]
-    return pool.run(jobs, ctx, run, describe, log)
+    return pool.run(jobs, ctx, run, describe, log, order)

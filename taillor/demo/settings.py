@@ -7,7 +7,8 @@ from typing import Optional
 
 from ..config import TailLoRConfig
 
-__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS", "LR_FIELDS"]
+__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS", "LR_FIELDS",
+           "COST_ORDER"]
 
 METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
 ADAPTER_METHODS = ("taillor-full", "taillor-head", "lora-continued", "lora-merged")
@@ -19,6 +20,9 @@ LABELS = {
     "lora-merged": "LoRA (merge+restart)",
     "full-ft": "full fine-tuning",
 }
+
+# The order in which the worker processes get the runs: longest first (measured), the frozen reference last.
+COST_ORDER = ("full-ft", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "frozen")
 
 # The DemoSettings field that holds each trained method's encoder learning rate.
 LR_FIELDS = {"taillor-full": "lr_taillor_full", "taillor-head": "lr_taillor_head", "lora-continued": "lr_lora",
