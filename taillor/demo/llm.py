@@ -61,8 +61,9 @@ class LLMSettings:
 
 
 # --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
+# Full fine-tuning (every weight trains: the costliest run) is left out of the quick default; --methods adds it.
 QUICK = LLMSettings(block_tokens=64, batch_size=2, grad_accum=2, steps=10, eval_blocks=6, seeds=1,
-                    generate_tokens=12, spectral_blocks=(0, 29))
+                    generate_tokens=12, spectral_blocks=(0, 29), methods=tuple(m for m in METHODS if m != "full-ft"))
 DEFAULT = LLMSettings()
 
 

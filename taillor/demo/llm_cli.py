@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help=f"seeds (default {DEFAULT.seeds}, {QUICK.seeds} with "
                                                           "--quick); tables show mean ± std")
     p.add_argument("--out", default=None, help="output folder (default runs/llm-<timestamp>/)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
+                                                     "(default: all; with --quick all but full-ft)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
     p.add_argument("--lr", type=float, default=None, help=f"adapter learning rate, TailLoR and LoRA (default "
                                                          f"{DEFAULT.lr:g})")
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides["seeds"] = args.seeds
     if args.methods:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        methods = METHODS if args.methods.strip() == "all" else tuple(
+            m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in methods if m not in METHODS]
         if bad or not methods:
             print(f"taillor demo: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
