@@ -217,22 +217,27 @@ def test_frames_bench_counts_the_exact_svds_build_frames_makes(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the memory suite reads Linux /proc")
-def test_memory_probe_runs_and_its_estimate_counts_the_frames():
+@pytest.mark.parametrize("base", ["nf4", "bf16"])
+def test_memory_probe_runs_and_its_estimate_counts_the_frames(base):
     """One memory case in this process on the toy shape (the suite runs each case in a fresh process; the numbers
-    of a toy mean nothing): the phases are measured, the estimate's frame bytes are the frames the model got."""
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install taillor[quant])")
+    of a toy mean nothing): the phases are measured, the estimate's frame bytes are the frames the model got
+    (bfloat16 frames on a bfloat16 base)."""
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install taillor[quant])")
     pytest.importorskip("transformers", reason="transformers is not installed")
     from taillor.bench.memory import estimate_apply_bytes, llama_model, memory_table, probe
     import taillor
-    row = probe("toy", "nf4", "taillor-full")
+    row = probe("toy", base, "taillor-full")
     assert row["apply_kept"] >= 0 and row["apply_peak"] >= row["apply_kept"] and row["step_peak"] > 0
     config = taillor.TailLoRConfig(rank=8, alpha=16, target_modules="all-linear", frame="full", head=0.25)
-    model = llama_model("toy", "nf4")
+    model = llama_model("toy", base)
     estimate = estimate_apply_bytes(model, config)
     taillor.apply_taillor(model, config, progress=False)
     frames = sum(sum(t.numel() * t.element_size() for t in (l.frame.U, l.frame.S, l.frame.V, l.frame.omega2))
                  for _, l in taillor.iter_taillor_layers(model))
     factors = sum(l.lora_A.numel() * 4 + l.lora_B.numel() * 4 for _, l in taillor.iter_taillor_layers(model))
     assert estimate["frames"] == row["estimate"]["frames"] == frames and estimate["factors"] == factors
+    assert {l.frame.U.dtype for _, l in taillor.iter_taillor_layers(model)} == {
+        torch.bfloat16 if base == "bf16" else torch.float32}
     header, lines = memory_table([row])
     assert len(lines) == 1 and len(lines[0]) == len(header)

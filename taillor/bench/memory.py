@@ -1,6 +1,6 @@
 """The memory suite of ``taillor bench``: host memory of applying TailLoR and of one training step on a Llama-shaped
-model built from a transformers config (random weights, nothing downloaded), full vs head frame, float32 or 4-bit
-(bitsandbytes nf4) base, next to PEFT LoRA (QLoRA on the 4-bit base) at the same rank.
+model built from a transformers config (random weights, nothing downloaded), full vs head frame, float32, bfloat16
+or 4-bit (bitsandbytes nf4) base, next to PEFT LoRA (QLoRA on the 4-bit base) at the same rank.
 
 How it is measured: each (shape, base, method) runs in a fresh Python process (``python -m taillor.bench.memory``),
 so that no allocation of one case lingers in the next. Memory is the process's resident set from
@@ -32,7 +32,7 @@ MEMORY_SHAPES = {
                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
 }
 MEMORY_METHODS = ("taillor-full", "taillor-head", "lora")
-MEMORY_BASES = ("fp32", "nf4")
+MEMORY_BASES = ("fp32", "bf16", "nf4")
 RANK = 8
 TOKENS = 128
 
@@ -60,12 +60,15 @@ def _reset_peak() -> None:
 
 
 def llama_model(shape: str, base: str):
-    """A LlamaForCausalLM of ``shape`` (random weights, float32); with base="nf4" the decoder's linear layers are
-    bitsandbytes Linear4bit (nf4, double quantization), as QLoRA loads them."""
+    """A LlamaForCausalLM of ``shape`` (random weights, float32; with base="bf16" bfloat16, so TailLoR's frames
+    default to bfloat16 too); with base="nf4" the decoder's linear layers are bitsandbytes Linear4bit (nf4, double
+    quantization), as QLoRA loads them."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=TOKENS, **MEMORY_SHAPES[shape]))
+    if base == "bf16":
+        model = model.to(torch.bfloat16)
     if base == "nf4":
         import bitsandbytes as bnb
         for name, module in list(model.model.layers.named_modules()):
