@@ -38,6 +38,19 @@ def test_jobs_run_in_workers_in_job_order_with_the_callers_data():
     assert len(lines) == 3 and lines[-1].startswith("  [3/3]")
 
 
+def test_the_jobs_named_here_run_in_this_process_while_the_workers_run_the_rest():
+    import torch
+
+    jobs = [("full-ft", Settings(), 1), ("frozen", Settings(), 2), ("lora", Settings(), 3)]
+    lines, threads = [], torch.get_num_threads()
+    with worker_pool(2, len(jobs), load, Settings(offset=10)) as pool:
+        records = run_jobs(jobs, {"offset": 5, "pid": 0, "bonus": 100}, run, lambda r: r["method"], lines.append,
+                           pool, order=("lora",), here=("frozen",))
+    assert [(r["method"], r["value"], r["pid"] == 0) for r in records] == [
+        ("full-ft", 111, False), ("frozen", 107, True), ("lora", 113, False)]  # frozen: this process's ctx
+    assert len(lines) == 3 and lines[0] == "  [1/3] frozen" and torch.get_num_threads() == threads
+
+
 def test_one_job_or_one_worker_runs_in_this_process_with_the_given_context():
     with worker_pool(2, 1, load, Settings()) as pool:
         assert pool is None

@@ -233,7 +233,7 @@ def run_points(points: list[FrontierPoint], settings: DemoSettings, out_dir: str
         ctx = prepare(settings, log)
         log(f"{kind}: {len(points)} points x {settings.seeds} seed(s) = {len(jobs)} runs on {settings.workers} "
             f"worker(s), {settings.steps} steps/task")
-        runs = run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER)
+        runs = run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER, here=("frozen",))
     for index, run in enumerate(runs):
         run["point"] = index % len(points)  # jobs are seed-major
     runs = with_plasticity(runs)

@@ -314,7 +314,7 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
         build_frames_once(ctx["model"], settings, log)
         log(f"set-up {time.perf_counter() - t0:.0f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) "
             f"on {settings.workers} worker(s)")
-        runs = run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER)
+        runs = run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER, here=("frozen",))
     for scratch in ("work", "frames"):
         shutil.rmtree(os.path.join(out_dir, scratch), ignore_errors=True)
     spectral = {r["method"]: [SpectralRow(**row) for row in r["spectral"]] for r in runs if r["spectral"]}

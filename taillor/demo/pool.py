@@ -59,20 +59,41 @@ class WorkerPool:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def run(self, jobs: list, ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
-            log: Callable[[str], None] = print, order: Optional[Sequence[str]] = None) -> list:
+            log: Callable[[str], None] = print, order: Optional[Sequence[str]] = None,
+            here: Sequence[str] = ()) -> list:
         """``run(job, worker context + ctx)`` for every job; each job carries the entries of ``ctx`` that the
         workers did not load themselves. ``order``: method names in the order their jobs are handed out (the rest
-        after them), so that the workers finish together instead of one waiting on a long job handed out last."""
+        after them), so that the workers finish together instead of one waiting on a long job handed out last.
+        ``here``: methods whose jobs this process runs itself (one torch thread, with ``ctx``) while the workers
+        run the rest — a short job that would otherwise run alone at the end while the other core idles."""
+        import torch
+
         loaded = frozenset().union(*(f.result() for f in self._started))
         shared = {k: v for k, v in ctx.items() if k not in loaded}
         results: list = [None] * len(jobs)
         rank = {name: i for i, name in enumerate(order or ())}
         order = sorted(range(len(jobs)), key=lambda i: rank.get(jobs[i][0], len(rank)))
-        futures = {self._executor.submit(_run_in_worker, run, jobs[i], shared): i for i in order}
-        for done, future in enumerate(as_completed(futures), 1):
+        futures = {self._executor.submit(_run_in_worker, run, jobs[i], shared): i
+                   for i in order if jobs[i][0] not in here}
+        done = 0
+
+        def finished(i: int) -> None:
+            nonlocal done
+            done += 1
+            log(f"  [{done}/{len(jobs)}] {describe(results[i])}")
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the workers: the same numbers wherever a job runs
+        try:
+            for i in (i for i in order if jobs[i][0] in here):
+                results[i] = run(jobs[i], ctx)
+                finished(i)
+        finally:
+            torch.set_num_threads(threads)
+        for future in as_completed(futures):
             i = futures[future]
             results[i] = future.result()
-            log(f"  [{done}/{len(jobs)}] {describe(results[i])}")
+            finished(i)
         return results
 
 
@@ -85,11 +106,11 @@ def worker_pool(workers: int, jobs: int, load: Callable[[Any], dict], settings):
 
 def run_jobs(jobs: Iterable[Job], ctx: dict, run: Callable[[Job, dict], dict], describe: Callable[[dict], str],
              log: Callable[[str], None] = print, pool: Optional[WorkerPool] = None,
-             order: Optional[Sequence[str]] = None) -> list:
-    """``run(job, ctx)`` for every job: in ``pool``'s workers when given (handed out in ``order``, see
-    :meth:`WorkerPool.run`), else here. Returns the records in job order; ``log`` gets ``describe(record)`` for each
-    finished job. ``run`` must be a module-level function."""
+             order: Optional[Sequence[str]] = None, here: Sequence[str] = ()) -> list:
+    """``run(job, ctx)`` for every job: in ``pool``'s workers when given (handed out in ``order``, the methods in
+    ``here`` run by this process meanwhile; see :meth:`WorkerPool.run`), else all here. Returns the records in job
+    order; ``log`` gets ``describe(record)`` for each finished job. ``run`` must be a module-level function."""
     jobs = list(jobs)
     if pool is None:
         return [run(job, ctx) for job in jobs]
-    return pool.run(jobs, ctx, run, describe, log, order)
+    return pool.run(jobs, ctx, run, describe, log, order, here)

@@ -109,7 +109,7 @@ def run_demo(settings: DemoSettings, out_dir: str, log=print) -> dict:
         ctx = prepare(settings, log)
         log(f"setup {time.perf_counter() - t0:.1f}s; {len(settings.methods)} methods x {settings.seeds} seed(s) "
             f"on {settings.workers} worker(s)")
-        runs = with_plasticity(run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER))
+        runs = with_plasticity(run_jobs(jobs, ctx, run_job, describe, log, pool, COST_ORDER, here=("frozen",)))
     agg = aggregate(runs, settings.methods)
     table = format_table(runs, settings.methods)
     tasks = ctx["tasks"]

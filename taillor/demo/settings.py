@@ -21,7 +21,8 @@ LABELS = {
     "full-ft": "full fine-tuning",
 }
 
-# The order in which the worker processes get the runs: longest first (measured), the frozen reference last.
+# The order in which the worker processes get the runs: longest first (measured). The frozen reference (the
+# cheapest) is run by the main process meanwhile.
 COST_ORDER = ("full-ft", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "frozen")
 
 # The DemoSettings field that holds each trained method's encoder learning rate.
