@@ -31,6 +31,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from .po import read_po
+
 __all__ = [
     "DataUnavailable",
     "Task",
@@ -193,53 +195,6 @@ def fortunes_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
 
 
 # ---------------------------------------------------------------------------------------------- language
-
-
-def _po_unquote(s: str) -> str:
-    s = s.strip()
-    if len(s) >= 2 and s[0] == s[-1] == '"':
-        s = s[1:-1]
-    return s.replace('\\"', '"').replace("\\n", " ").replace("\\t", " ").replace("\\\\", "\\")
-
-
-def read_po(path: str) -> list[tuple[str, str]]:
-    """``(msgid, msgstr)`` pairs of a gettext catalog; plural entries give ``(msgid, msgstr[0])``.
-
-    Fuzzy entries and the header are skipped; an empty msgstr is kept (English catalogs).
-    """
-    entries: list[tuple[str, str]] = []
-    cur: dict[str, str] = {}
-    key = None
-    fuzzy = False
-
-    def flush():
-        nonlocal cur, fuzzy
-        if "msgid" in cur and cur["msgid"] and not fuzzy:
-            entries.append((cur["msgid"], cur.get("msgstr", cur.get("msgstr[0]", ""))))
-        cur, fuzzy = {}, False
-
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip():
-                flush()
-                key = None
-                continue
-            if line.startswith("#,") and "fuzzy" in line:
-                fuzzy = True
-                continue
-            if line.startswith("#"):
-                continue
-            m = re.match(r"^(msgctxt|msgid_plural|msgid|msgstr(?:\[\d+\])?)\s+(.*)$", line)
-            if m:
-                key = m.group(1)
-                if key == "msgid" and "msgid" in cur:
-                    flush()
-                cur[key] = _po_unquote(m.group(2))
-            elif line.startswith('"') and key is not None:
-                cur[key] = cur.get(key, "") + _po_unquote(line)
-    flush()
-    return entries
 
 
 _PLACEHOLDER = re.compile(r"%\([^)]*\)[sdif]|%[sdif]|\{[^}]*\}|<[^>]+>|&\w+;")

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from .data import DataUnavailable, django_locale_files, fortune_dir, read_fortunes, read_po, stdlib_dir
+from .data import DataUnavailable, django_locale_files, fortune_dir, read_fortunes, stdlib_dir
+from .po import read_po
 
 __all__ = ["Corpus", "german_corpus", "code_corpus", "english_texts", "pack_token_blocks", "CODE_EXCLUDED"]
 
