@@ -210,9 +210,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                         "layers, use taillor.export_lora (a PEFT LoRA adapter for the same quantized base), "
                         "taillor.load_adapter onto an unquantized copy of the model and merge that, or "
                         "taillor.merge_and_requantize (it requantizes and reports the loss). Nothing changed.")
-    for name, layer in layers:
-        layer.merge()
-        _replace_module(model, name, layer.base_layer)
+    _merge_and_restore_bases(model, layers)
     return model
 
 
@@ -237,23 +235,31 @@ def merge_and_requantize(model: nn.Module) -> dict[str, RequantizationError]:
     quantized layer name. Unquantized layers merge exactly, as in :func:`merge_and_unload`. One layer is
     dequantized at a time. The exact alternatives: keep the TailLoR layers, or :func:`taillor.export_lora`.
     """
-    layers = require_taillor_layers(model, "merge_and_requantize")
+    return _merge_and_restore_bases(model, require_taillor_layers(model, "merge_and_requantize"))
+
+
+def _merge_and_restore_bases(model: nn.Module, layers) -> dict[str, RequantizationError]:
+    """Each TailLoR layer's learned update goes into its base (exactly into a float weight, requantized into a
+    quantized one) and the base layer takes the TailLoR layer's place; the requantization report, per layer name."""
     report = {}
     for name, layer in layers:
         if layer.base.quantized:
-            with torch.no_grad():
-                before = layer.base.weight().float()
-                delta = layer.learned_delta().float()
-                target = before + delta
-                layer.base.requantize(target)
-                after = layer.base.weight().float()
-                report[name] = RequantizationError(
-                    weight_error=float((after - target).norm() / target.norm().clamp_min(1e-30)),
-                    update_error=float((after - before - delta).norm() / delta.norm().clamp_min(1e-30)))
+            report[name] = _requantize_merged(layer)
         else:
             layer.merge()
         _replace_module(model, name, layer.base_layer)
     return report
+
+
+@torch.no_grad()
+def _requantize_merged(layer: TailLoRLinear) -> RequantizationError:
+    before = layer.base.weight().float()
+    delta = layer.learned_delta().float()
+    target = before + delta
+    layer.base.requantize(target)
+    after = layer.base.weight().float()
+    return RequantizationError(weight_error=float((after - target).norm() / target.norm().clamp_min(1e-30)),
+                               update_error=float((after - before - delta).norm() / delta.norm().clamp_min(1e-30)))
 
 
 @dataclass(frozen=True)
