@@ -167,9 +167,7 @@ class Linear4bitBase(QuantizedBase):
             raise TypeError(f"{self.kind}: the weight is not quantized yet; move the layer to its device first "
                             "(bitsandbytes quantizes on .to(device)), or wrap the float layer")
         if getattr(state, "packing_format_for_cpu", False):
-            # An eval-mode forward on an AVX512-BF16 CPU repacked the weight for bitsandbytes' CPU kernel; read it
-            # back in the standard layout (a copy: the layer keeps its repacked weight).
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+            data, state = _cpu_packing_undone(data, state)
         with torch.no_grad():
             return bnbf.dequantize_4bit(data, state).reshape(self.out_features, self.in_features)
 
@@ -181,6 +179,26 @@ class Linear4bitBase(QuantizedBase):
                                   quant_type=old.quant_type, compress_statistics=old.compress_statistics,
                                   blocksize=old.blocksize, quant_storage=old.quant_storage, module=self.module)
         self.module.weight = fresh.to(self.device)  # bitsandbytes quantizes when the parameter moves to a device
+
+
+def _cpu_packing_undone(data: Tensor, state):
+    """(data, quant state) in bitsandbytes' standard 4-bit layout, for a weight that an eval-mode forward on an
+    AVX512-BF16 CPU repacked for bitsandbytes' CPU kernel; the layer's own weight and state are left as they are.
+
+    bitsandbytes' inverse rewrites the state it is given, which would leave the layer's repacked weight described
+    as unpacked (its next forward garbage), so it runs on a copy. The repacking stored the block scales in bfloat16
+    (nesting undone); the inverse would quantize them again for double quantization. They are kept as they are
+    instead: the result is the weight the repacked layer computes with, exactly.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbf
+    state = copy.copy(state)
+    scales = state.absmax.t().reshape(-1).float()  # (d_in / block, d_out) bfloat16 -> row-major blocks, float32
+    state.original_nested = False
+    data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
+    state.absmax = scales
+    return data, state
 
 
 class Linear8bitBase(QuantizedBase):

@@ -11,7 +11,7 @@ import torch
 
 import taillor
 from taillor.base import base_for
-from conftest import assert_close, assert_matches_oracle, dense_delta, dense_layer_oracle
+from conftest import TOLERANCE, assert_close, assert_matches_oracle, dense_delta, dense_layer_oracle, normalized_error
 
 QUANTIZED = ["nf4", "nf4-double", "fp4", "fp4-double", "int8"]
 
@@ -95,6 +95,28 @@ def test_quantized_layer_matches_float64_oracle_of_dequantized_weight(bnb, kind,
     # Gradients never touch the quantized weight.
     assert base.weight.grad is None and not base.weight.requires_grad
     assert torch.equal(base.weight.data, packed)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4-double", "fp4-double"])
+def test_weight_of_a_layer_repacked_for_the_cpu_kernel_is_read_without_changing_the_layer(bnb, kind):
+    # On an AVX512-BF16 CPU an eval-mode forward repacks a 4-bit weight for bitsandbytes' CPU kernel, with its block
+    # scales in bfloat16. The repacking itself is plain torch, so it is done here by hand and runs on every CPU.
+    import bitsandbytes.functional as bnbf
+    torch.manual_seed(3)
+    layer = quantize(bnb, torch.nn.Linear(128, 64), kind)
+    state = layer.weight.quant_state
+    blocks = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
+    before = base_for(layer).weight().double()
+    rounded = blocks.bfloat16().double() / blocks.double()  # what bfloat16 scales do to each block of 64 weights
+    expected = (before.reshape(-1, state.blocksize) * rounded[:, None]).reshape(before.shape)
+    layer.weight.data, _ = bnbf._convert_weight_packed_for_cpu(layer.weight.data, state)
+    packed, scales = layer.weight.data.clone(), state.absmax.clone()
+    assert normalized_error(before, expected) > 10 * TOLERANCE["oracle"][torch.float32]  # the scales' rounding shows
+    for _ in range(2):
+        assert_matches_oracle(base_for(layer).weight(), expected, torch.float32, f"{kind} repacked weight")
+    # The layer still holds its repacked weight, described as repacked.
+    assert state.packing_format_for_cpu and layer.weight.quant_state is state
+    assert torch.equal(layer.weight.data, packed) and torch.equal(state.absmax, scales)
 
 
 @pytest.mark.parametrize("kind", ["nf4-double", "int8"])
