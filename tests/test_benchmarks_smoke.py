@@ -89,6 +89,9 @@ def test_taillor_bench_command_writes_json(tmp_path, monkeypatch):
 def test_taillor_bench_rejects_bad_arguments(tmp_path, capsys):
     from taillor.bench import main
     assert main(["--suites", "nope", "--out", str(tmp_path)]) == 2
+    for option, bad in (("--memory-shapes", "llama-7b"), ("--memory-bases", "int3"), ("--memory-methods", "")):
+        assert main(["--suites", "memory", option, bad, "--out", str(tmp_path)]) == 2
+        assert f"unknown memory {option.split('-')[-1][:-1]}" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "bench.json").exists()

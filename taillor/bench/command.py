@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .measurement import measure_adapter, measure_frames, measure_penalty, measure_svd
-from .memory import MEMORY_BASES, MEMORY_METHODS, measure_memory, memory_shapes
+from .memory import MEMORY_BASES, MEMORY_METHODS, MEMORY_SHAPES, measure_memory, memory_choice, memory_shapes
 from .methods import METHODS
 from .shapes import (CPU_SPEED_TARGET, GPU_SPEED_TARGET, adapter_shapes, fast_mode, frames_models, penalty_cases,
                      rounds_for, svd_cases)
@@ -49,6 +49,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison")
     parser.add_argument("--full-frames", action="store_true",
                         help="frames suite on all 16 layers of the 1B shapes (CPU; slow)")
+    parser.add_argument("--memory-shapes", default=None,
+                        help=f"memory suite: comma-separated subset of {','.join(MEMORY_SHAPES)} (default: "
+                             "smollm2-135m; toy with --fast)")
+    parser.add_argument("--memory-bases", default=",".join(MEMORY_BASES), help="memory suite: bases to measure")
+    parser.add_argument("--memory-methods", default=",".join(MEMORY_METHODS), help="memory suite: methods to measure")
     parser.add_argument("--fast", action="store_true", help="toy sizes, one round (CI; same as TAILLOR_BENCH_FAST=1)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's; on a loaded CPU, 1 thread avoids "
@@ -93,6 +98,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"taillor bench: unknown suite or method {unknown}; suites: {list(SUITES)}, methods: {list(METHODS)}",
               file=sys.stderr)
         return 2
+    try:
+        memory_plan = (memory_choice(args.memory_shapes, MEMORY_SHAPES, "shape") if args.memory_shapes
+                       else memory_shapes())
+        memory_bases = memory_choice(args.memory_bases, MEMORY_BASES, "base")
+        memory_methods = memory_choice(args.memory_methods, MEMORY_METHODS, "method")
+    except ValueError as error:
+        print(f"taillor bench: {error}", file=sys.stderr)
+        return 2
     warmup, rounds = rounds_for(device.type, args.quick)
     if args.rounds is not None:
         rounds = max(1, args.rounds)
@@ -113,7 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "frames" in suites:
         plan += [("frames", m, 3) for m in frames_models(device.type, args.quick, args.full_frames)]
     if "memory" in suites:
-        plan += [("memory", shape, len(MEMORY_BASES) * len(MEMORY_METHODS)) for shape in memory_shapes()]
+        plan += [("memory", shape, len(memory_bases) * len(memory_methods)) for shape in memory_plan]
 
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(p[2] for p in plan), desc="taillor bench", unit="step", disable=args.no_progress,
@@ -155,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif suite == "penalty":
             rows += measure_penalty(case, device, 1 if warmup else 0, rounds, tick)
         elif suite == "memory":
-            rows += measure_memory(case, tick=tick)
+            rows += measure_memory(case, memory_bases, memory_methods, tick=tick)
         else:
             rows += measure_frames(case, device, 1, tick)
         write(complete=False)

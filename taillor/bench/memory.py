@@ -27,6 +27,9 @@ MEMORY_SHAPES = {
     # SmolLM2-135M's shape (HuggingFaceTB/SmolLM2-135M config).
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config): 1.24 B parameters, 112 projection matrices.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     # A toy shape for --fast (CI): the numbers mean nothing.
     "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True),
@@ -137,9 +140,19 @@ def probe(shape: str, base: str, method: str) -> dict:
 
 
 def memory_shapes() -> list[str]:
-    """The shapes the memory suite measures (the toy one in fast mode)."""
+    """The shapes the memory suite measures by default (the toy one in fast mode; ``--memory-shapes`` adds
+    llama-1b, whose full-frame rows take about ten minutes each on two cores)."""
     from .shapes import fast_mode
     return ["toy"] if fast_mode() else ["smollm2-135m"]
+
+
+def memory_choice(text: str, known, what: str) -> list[str]:
+    """A comma-separated subset of ``known``; ValueError naming the unknown entries."""
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown or not chosen:
+        raise ValueError(f"unknown memory {what} {unknown or text!r}; choose from {list(known)}")
+    return chosen
 
 
 def measure_memory(shape: str, bases=MEMORY_BASES, methods=MEMORY_METHODS, tick=None) -> list[dict]:
