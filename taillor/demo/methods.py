@@ -104,9 +104,10 @@ class SkillProbe:
                  encoder_is_base: bool = False):
         self.encoder, self.tok, self.ret, self.L = encoder, tokenizer, retrieval, max_length
         self.base_emb = base_emb
-        self._cached = dict(base_values) if base_values else None
-        # The frozen reference's encoder is the base model throughout: its values are the base values every time.
-        self._always_cached = encoder_is_base and self._cached is not None
+        self.base_values = dict(base_values) if base_values else None
+        # Measurements that reuse the base values: the first (the untrained model is the base model), or every one
+        # for the frozen reference, whose encoder stays the base model.
+        self._reuses_left = (float("inf") if encoder_is_base else 1) if self.base_values else 0
         self.last = {}
 
     def embed(self):
@@ -121,10 +122,9 @@ class SkillProbe:
         import torch
         from ..continual import mean_cosine_similarity
 
-        if self._cached is not None:  # the untrained model is the base model: reuse its numbers
-            self.last = dict(self._cached)
-            if not self._always_cached:
-                self._cached = None
+        if self._reuses_left:
+            self._reuses_left -= 1
+            self.last = dict(self.base_values)
             return self.last
         emb, q, d = self.embed()
         r1 = (q @ d.t()).argmax(1).eq(torch.arange(len(q))).float().mean().item()
