@@ -22,7 +22,7 @@ Usage::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ __all__ = [
     "spectral_shares",
     "spectral_report",
     "spectral_report_from_weights",
+    "linear_weights",
     "format_spectral_report",
     "plot_spectral_report",
 ]
@@ -132,6 +133,13 @@ def spectral_report_from_weights(pretrained: Mapping[str, Tensor], current: Mapp
         h = head if isinstance(head, int) else int(round(head * m))
         rows.append(spectral_shares(name, W0, current[name].detach().to(W0.dtype) - W0, h))
     return rows
+
+
+def linear_weights(model: nn.Module, keep: Callable[[str], bool]) -> dict[str, Tensor]:
+    """{name: float32 copy of the weight} of every ``nn.Linear`` of ``model`` whose qualified name ``keep`` accepts:
+    the ``pretrained`` (or ``current``) argument of :func:`spectral_report_from_weights`, taken before training."""
+    return {name: module.weight.detach().float().clone() for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and keep(name)}
 
 
 def format_spectral_report(rows: Sequence[SpectralRow]) -> str:

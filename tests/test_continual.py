@@ -236,12 +236,15 @@ def test_spectral_shares_head_and_tail_updates():
 
 def test_spectral_report_on_a_taillor_model_matches_weights_form(tmp_path):
     import taillor
-    from taillor.report import format_spectral_report, plot_spectral_report, spectral_report, \
+    from taillor.report import format_spectral_report, linear_weights, plot_spectral_report, spectral_report, \
         spectral_report_from_weights
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 10))
-    pre = {"0": model[0].weight.detach().clone(), "2": model[2].weight.detach().clone()}
+    pre = linear_weights(model, lambda name: True)
+    assert list(pre) == ["0", "2"] and torch.equal(pre["2"], model[2].weight)
+    assert pre["2"].data_ptr() != model[2].weight.data_ptr()  # a copy: training does not move it
+    assert list(linear_weights(model, lambda name: name != "0")) == ["2"]
     cfg = taillor.TailLoRConfig(rank=2, alpha=4, target_modules=["0", "2"], head=3, penalty=0.0)
     taillor.apply_taillor(model, cfg)
     for _, layer in taillor.iter_taillor_layers(model):

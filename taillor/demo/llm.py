@@ -87,18 +87,18 @@ def load_base(settings: LLMSettings, log=None) -> dict:
     """The base model and what comes from it alone: ``tokenizer``, ``model``, ``model_dir`` (its converted
     folder), ``pad`` (the padding id) and ``pretrained`` (the spectral report's weights). What a worker process
     loads itself (:mod:`taillor.demo.pool`)."""
-    import torch
-
+    from ..report import linear_weights
     from .llm_model import converted_model_dir, load_model
 
     quiet = log or (lambda *_: None)
     tokenizer, model = load_model(log=quiet)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in
-             settings.targets and _block_of(n) in settings.spectral_blocks]
-    modules = dict(model.named_modules())
+
+    def reported(name: str) -> bool:
+        return name.split(".")[-1] in settings.targets and _block_of(name) in settings.spectral_blocks
+
     return {"tokenizer": tokenizer, "model": model, "model_dir": str(converted_model_dir(log=quiet)), "pad": pad,
-            "pretrained": {n: modules[n].weight.detach().float().clone() for n in names}}
+            "pretrained": linear_weights(model, reported)}
 
 
 def prepare(settings: LLMSettings, log=print) -> dict:

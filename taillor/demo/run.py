@@ -39,16 +39,12 @@ def load_base(settings: DemoSettings) -> dict:
     """The base model and what comes from it alone: ``tokenizer``, ``model`` (never trained) and ``pretrained``
     ({target layer name: weight}). What a worker process loads itself (:mod:`taillor.demo.pool`)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    import torch
-
+    from ..report import linear_weights
     from .model import load_model
 
     tok, base = load_model()
-    mods = dict(base.named_modules())
-    targets = [name for name, mod in mods.items()
-               if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in settings.targets]
     return {"tokenizer": tok, "model": base,
-            "pretrained": {nm: mods[nm].weight.detach().float().clone() for nm in targets}}
+            "pretrained": linear_weights(base, lambda name: name.split(".")[-1] in settings.targets)}
 
 
 def prepare(settings: DemoSettings, log=print) -> dict:
