@@ -171,8 +171,8 @@ def check_penalty_inputs(A, B, U, V, omega2):
     check_2d("U", U, rows=d_out)
     h = U.shape[1]
     check_2d("V", V, rows=d_in, cols=h)
-    check_dtype("U", U, A.dtype)
-    check_dtype("V", V, A.dtype)
+    check_dtype("U", U)  # the frame may be stored narrower than A and B: the launchers read it in A's dtype
+    check_dtype("V", V, U.dtype)
     if omega2.shape[0] != h:
         raise ValueError(f"omega2 has length {omega2.shape[0]}, expected h = {h}")
     check_device(A=A, B=B, U=U, V=V, omega2=omega2)

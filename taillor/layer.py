@@ -189,7 +189,7 @@ class TailLoRLinear(nn.Module):
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
         A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-        U, V = self.frame_mode.penalty_frame(frame, A.dtype)
+        U, V = self.frame_mode.penalty_frame(frame)
         s2 = self.scaling ** 2
         if penalty is not None or not self.adapts_strength:
             strength = self.config.penalty if penalty is None else penalty
@@ -209,7 +209,7 @@ class TailLoRLinear(nn.Module):
         a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
         with torch.no_grad():
             A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
-            U, V = self.frame_mode.penalty_frame(self.frame, A.dtype)
+            U, V = self.frame_mode.penalty_frame(self.frame)
             energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
             return head_share(energy, self._update_energy(A, B))
 

@@ -170,7 +170,7 @@ def test_frame_mode_turns_factors_into_layer_factors_and_back(frame):
     A, B = mode.trainable_factors(P, Q, layer.frame)
     assert_close(A, layer.lora_A.detach(), "reordered", "A")
     assert_close(B, layer.lora_B.detach(), "reordered", "B")
-    U, V = mode.penalty_frame(layer.frame, layer.lora_A.dtype)
+    U, V = mode.penalty_frame(layer.frame)
     assert (U is None and V is None) if frame == "full" else (U is layer.frame.U and V is layer.frame.V)
     k = mode.frame_rank(20, 4)
     assert k == (20 if frame == "full" else 4) and layer.frame.rank == k

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_matches_oracle, dense_layer_oracle
+from conftest import assert_matches_oracle, dense_layer_oracle, dense_penalty
 
 
 def two_layers(dtype=torch.float32):
@@ -54,6 +54,29 @@ def test_frame_dtype_default_and_choice_match_the_oracle(model_dtype, frame_dtyp
     assert_matches_oracle(y, y64, coarse, "output")
     assert_matches_oracle(layer.lora_A.grad, dA64, coarse, "dA")
     assert_matches_oracle(layer.lora_B.grad, dB64, coarse, "dB")
+
+
+def test_penalty_on_a_16_bit_head_frame_keeps_the_stored_frame_for_backward():
+    """A bfloat16 head frame with float32 A, B: the penalty matches the float64 oracle of the stored frame, and
+    autograd saves the bfloat16 U and V themselves, not float32 copies (on a 1B model those copies were 1.2 GB)."""
+    torch.manual_seed(2)
+    layer = taillor.TailLoRLinear.from_linear(nn.Linear(48, 40), rank=3, head=5, frame="head",
+                                              frame_dtype="bfloat16", penalty=0.5, head_share_target=None)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        penalty = layer.spectral_penalty()
+    framelike = [t for t in saved if t.shape in (layer.frame.U.shape, layer.frame.V.shape)]
+    assert framelike and all(t.dtype == torch.bfloat16 for t in framelike), [(t.shape, t.dtype) for t in saved]
+    penalty.backward()
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    oracle = dense_penalty(layer, A, B)
+    oracle.backward()
+    assert_matches_oracle(penalty, oracle, torch.float32, "penalty")
+    assert_matches_oracle(layer.lora_A.grad, A.grad, torch.float32, "dA")
+    assert_matches_oracle(layer.lora_B.grad, B.grad, torch.float32, "dB")
 
 
 def test_refused_budget_names_bytes_and_alternative_and_computes_nothing(monkeypatch):

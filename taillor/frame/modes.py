@@ -49,9 +49,10 @@ class FrameMode:
         frame's span, as every P, Q this mode produced do)."""
         raise NotImplementedError
 
-    def penalty_frame(self, frame: SpectralFrame, dtype: torch.dtype) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(U, V) as the penalty ops take them, in ``dtype`` (the adapter's): the head bases, or (None, None) when
-        A and B are already in spectral coordinates."""
+    def penalty_frame(self, frame: SpectralFrame) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(U, V) as the penalty ops take them: the head bases as stored (the ops read a 16-bit frame in the
+        adapter's dtype themselves, so that autograd keeps the stored frame for the backward, not a wider copy of
+        every layer's), or (None, None) when A and B are already in spectral coordinates."""
         raise NotImplementedError
 
     def initial_A(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, seed: int, init: str,
@@ -89,7 +90,7 @@ class FullFrame(FrameMode):
     def trainable_factors(self, P, Q, frame):
         return P.t() @ frame.V.to(P.dtype), frame.U.to(Q.dtype).t() @ Q
 
-    def penalty_frame(self, frame, dtype):
+    def penalty_frame(self, frame):
         return None, None
 
     def without_head(self, A, frame):
@@ -111,9 +112,8 @@ class HeadFrame(FrameMode):
     def trainable_factors(self, P, Q, frame):
         return P.t(), Q
 
-    def penalty_frame(self, frame, dtype):
-        # The penalty runs in the adapter's dtype: a head frame stored in another (16 bits) is read in it.
-        return frame.U.to(dtype), frame.V.to(dtype)
+    def penalty_frame(self, frame):
+        return frame.U, frame.V
 
     def without_head(self, A, frame):
         V_h = frame.V.to(A.dtype)
