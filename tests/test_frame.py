@@ -114,6 +114,23 @@ def test_cache_reuses_frames_and_never_a_stale_one(tmp_path, monkeypatch):
     assert len(calls) == 2 and torch.equal(from_disk.S, third.S)
 
 
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_a_frame_is_never_the_cached_entry_itself(frame):
+    """Changing a frame in place leaves the memory cache alone (frames the cache keeps are copies; the others,
+    which nothing else holds, are not copied: that kept a large model's apply peak at its frames, not twice)."""
+    taillor.clear_frame_cache()
+    W = torch.randn(20, 30)
+    config = taillor.TailLoRConfig(frame=frame, head=3)
+    first = compute_frame(W, config, "w")
+    original = first.U.clone()
+    first.U.mul_(2.0)
+    second = compute_frame(W, config, "w")  # from the cache
+    assert torch.equal(second.U, original)
+    second.U.zero_()
+    assert torch.equal(compute_frame(W, config, "w").U, original)
+    taillor.clear_frame_cache()
+
+
 def test_full_and_head_frames_share_one_exact_svd(monkeypatch):
     """A head frame cut from the exact SVD reuses a cached full frame's decomposition (any seed or head) and equals
     its top-h triplets; alone, it caches only its own h triplets."""

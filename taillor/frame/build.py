@@ -79,15 +79,21 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
             entries[where] = tuple(t[..., :heads[where]].contiguous() for t in entries[where])
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
+    computed_here = set(missing)
     frames = {}
     for where in weights:
-        U, S, V = entries[where]
+        entry = entries.pop(where)
+        U, S, V = entry
         # from the frame's own spectrum on every rank, so that a head_energy leaving no tail raises on all of them
         h = _head_from_energy(S, config, where) if h_from_frame else heads[where]
         k = mode.frame_rank(min(weights[where].shape), h)
         U, S, V = U[:, :k], S[:k], V[:, :k]
-        frames[where] = SpectralFrame(U.clone(), S.clone(), V.clone(), h,
-                                      penalty_weights(S, h, config.penalty_weighting), config.frame)
+        # A frame gets its own copy of what the memory cache keeps (so that changing one never changes the other);
+        # a frame computed here that the cache did not keep is used as it is: cloning every frame made applying a
+        # large model peak at twice its frames.
+        if where not in computed_here or FRAME_CACHE.holds(keys[where], entry):
+            U, S, V = U.clone(), S.clone(), V.clone()
+        frames[where] = SpectralFrame(U, S, V, h, penalty_weights(S, h, config.penalty_weighting), config.frame)
     return frames
 
 

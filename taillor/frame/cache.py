@@ -108,6 +108,11 @@ class FrameCache:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= self._nbytes(old)
 
+    def holds(self, key: str, entry) -> bool:
+        """Whether the memory cache keeps this very ``entry`` under ``key`` (not a copy, not an evicted one)."""
+        with self._lock:
+            return self._entries.get(key) is entry
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
