@@ -14,6 +14,7 @@ dense weight that frames and norms are computed from, the adapted forward, and f
 """
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Optional
 
@@ -190,8 +191,6 @@ def _cpu_packing_undone(data: Tensor, state):
     (nesting undone); the inverse would quantize them again for double quantization. They are kept as they are
     instead: the result is the weight the repacked layer computes with, exactly.
     """
-    import copy
-
     import bitsandbytes.functional as bnbf
     state = copy.copy(state)
     scales = state.absmax.t().reshape(-1).float()  # (d_in / block, d_out) bfloat16 -> row-major blocks, float32

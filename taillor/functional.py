@@ -143,7 +143,8 @@ def spectral_penalty(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tens
     Full frame (U = V = None): A (r, k), B (k, r), omega2 (k,). Head frame: A (r, d_in), B (d_out, r),
     U (d_out, h), V (d_in, h), omega2 (h,), with B_h = Uᵀ B and A_h = A V; U and V may be stored in a narrower
     float dtype than A and B (a 16-bit frame): the kernels read them in A's dtype, and autograd keeps them as
-    stored. coeff = λ·s². Returns a 0-dim tensor of A's dtype, differentiable in A and B. Never materializes ΔW: O(k r²) instead of O(d_out d_in r).
+    stored. coeff = λ·s². Returns a 0-dim tensor of A's dtype, differentiable in A and B. Never materializes ΔW:
+    O(k r²) instead of O(d_out d_in r).
     """
     return _spectral_penalty(A, B, U, V, omega2, float(coeff))
 

@@ -79,7 +79,7 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
             entries[where] = tuple(t[..., :heads[where]].contiguous() for t in entries[where])
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
-    computed_here = set(missing)
+    computed_here = set(missing)  # the others came from the cache, memory or disk
     frames = {}
     for where in weights:
         entry = entries.pop(where)
