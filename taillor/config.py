@@ -117,6 +117,11 @@ class TailLoRConfig:
         """s = alpha / rank, or alpha / sqrt(rank) with use_rslora."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    @property
+    def adapts_strength(self) -> bool:
+        """Whether each layer adapts its λ to ``head_share_target`` (else λ is ``penalty``; 0 = off)."""
+        return self.head_share_target is not None and self.penalty > 0
+
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         for name in ("target_modules", "exclude_modules"):

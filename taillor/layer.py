@@ -202,7 +202,7 @@ class TailLoRLinear(nn.Module):
     @property
     def adapts_strength(self) -> bool:
         """Whether λ is adapted to ``config.head_share_target`` (else it is ``config.penalty``; 0 = off)."""
-        return self.config.head_share_target is not None and self.config.penalty > 0
+        return self.config.adapts_strength
 
     def head_share(self) -> Tensor:
         """The current update's ω²-weighted share of energy in the pre-trained head (:func:`strength.head_share`),

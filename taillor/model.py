@@ -12,6 +12,8 @@ from torch import nn
 from .base import SUPPORTED, LinearBase, base_for, is_supported_base
 from .config import TailLoRConfig
 from .frame import SpectralFrame, build_frames as _build_frames, frame_bytes
+from .frame.cache import cache_limit_bytes
+from .frame.footprint import LayerShape, apply_footprint
 from .layer import TailLoRLinear
 
 _OUTPUT_HEAD_NAMES = ("lm_head",)
@@ -108,6 +110,20 @@ def estimate_frame_bytes(model: nn.Module, config: TailLoRConfig) -> dict[str, i
     bases = {name: base_for(module, name) for name, module in targets.items()}
     return {name: frame_bytes(base.out_features, base.in_features, base.dtype, config, name)
             for name, base in bases.items()}
+
+
+def estimate_apply_memory(model: nn.Module, config: TailLoRConfig) -> dict[str, int]:
+    """Bytes :func:`apply_taillor` would take on ``model`` under ``config`` with an empty frame cache, computed from
+    the target layers' shapes without allocating anything: ``frames``, ``frame_cache`` (the in-memory cache's
+    copies, up to ``TAILLOR_FRAME_CACHE_MB``), ``factors`` (A and B), ``kept`` (what applying leaves allocated) and
+    ``peak`` (the most allocated at once, while the frames are built). The model's own weights are not counted.
+    See :mod:`taillor.frame.footprint` for the formula and docs/quantized.md for how it compares to measurements."""
+    targets = find_target_modules(model, config)
+    layers = {}
+    for name, module in targets.items():
+        base = base_for(module, name)
+        layers[name] = LayerShape(base.out_features, base.in_features, base.dtype, base.quantized)
+    return apply_footprint(layers, config, cache_limit_bytes())
 
 
 def _check_frame_budget(bases: dict[str, LinearBase], config: TailLoRConfig) -> None:

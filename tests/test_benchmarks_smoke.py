@@ -228,17 +228,18 @@ def test_memory_probe_runs_and_its_estimate_counts_the_frames(base):
     if base == "nf4":
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install taillor[quant])")
     pytest.importorskip("transformers", reason="transformers is not installed")
-    from taillor.bench.memory import estimate_apply_bytes, llama_model, memory_table, probe
+    from taillor.bench.memory import llama_model, memory_table, probe
     import taillor
     row = probe("toy", base, "taillor-full")
     assert row["apply_kept"] >= 0 and row["apply_peak"] >= row["apply_kept"] and row["step_peak"] > 0
     config = taillor.TailLoRConfig(rank=8, alpha=16, target_modules="all-linear", frame="full", head=0.25)
     model = llama_model("toy", base)
-    estimate = estimate_apply_bytes(model, config)
+    estimate = taillor.estimate_apply_memory(model, config)
     taillor.apply_taillor(model, config, progress=False)
     frames = sum(sum(t.numel() * t.element_size() for t in (l.frame.U, l.frame.S, l.frame.V, l.frame.omega2))
                  for _, l in taillor.iter_taillor_layers(model))
-    factors = sum(l.lora_A.numel() * 4 + l.lora_B.numel() * 4 for _, l in taillor.iter_taillor_layers(model))
+    factors = sum(t.numel() * t.element_size() for _, l in taillor.iter_taillor_layers(model)
+                  for t in (l.lora_A, l.lora_B, l.strength_seen_A, l.strength_seen_B))
     assert estimate["frames"] == row["estimate"]["frames"] == frames and estimate["factors"] == factors
     assert {l.frame.U.dtype for _, l in taillor.iter_taillor_layers(model)} == {
         torch.bfloat16 if base == "bf16" else torch.float32}

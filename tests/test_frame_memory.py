@@ -102,3 +102,88 @@ def test_refused_budget_names_bytes_and_alternative_and_computes_nothing(monkeyp
     taillor.apply_taillor(model, head_config, progress=False)
     assert sum(frame_nbytes(model).values()) == head <= 10_000
     assert "max_frame_bytes" not in head_config.to_dict()
+
+
+def several_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32),
+                         nn.Linear(32, 80))
+
+
+@pytest.mark.parametrize("frame, penalty", [("full", 0.1), ("head", 0.1), ("head", 0.0)])
+@pytest.mark.parametrize("cache_mb", ["1024", "0.05", "0"])
+def test_apply_memory_estimate_counts_what_applying_keeps(frame, penalty, cache_mb, monkeypatch):
+    """The estimate's frames, factors (with an adapting λ's copies of A, B; none at penalty 0) and frame-cache
+    copies are the bytes applying leaves (the cache's LRU replayed: 0.05 MB holds some frames, not all); the peak
+    is at least what is kept."""
+    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", cache_mb)
+    taillor.clear_frame_cache()
+    model = several_layers()
+    config = taillor.TailLoRConfig(rank=2, target_modules="all-linear", frame=frame, head=12, penalty=penalty)
+    estimate = taillor.estimate_apply_memory(model, config)
+    taillor.apply_taillor(model, config, progress=False)
+    from taillor.frame.cache import FRAME_CACHE
+    layers = [layer for _, layer in taillor.iter_taillor_layers(model)]
+    assert estimate["frames"] == sum(frame_nbytes(model).values())
+    assert estimate["factors"] == sum(t.numel() * t.element_size() for l in layers for t in (
+        l.lora_A, l.lora_B, l.strength_seen_A, l.strength_seen_B))
+    assert estimate["frame_cache"] == FRAME_CACHE._bytes
+    if cache_mb == "0.05":
+        assert 0 < FRAME_CACHE._bytes < estimate["frames"]
+    assert estimate["kept"] == estimate["frames"] + estimate["frame_cache"] + estimate["factors"]
+    assert estimate["peak"] >= estimate["kept"]
+    taillor.clear_frame_cache()
+
+
+@pytest.mark.parametrize("frame, head", [("full", 12), ("head", 12), ("head", 3)])
+def test_build_frames_runs_the_plan_the_estimate_replays(frame, head, monkeypatch):
+    """build_frames decomposes the batches build_plan lists, in that order (split here by a small batch limit),
+    exact or sketched as planned: the order the peak estimate replays."""
+    from taillor.frame import build
+    monkeypatch.setattr(build, "_MAX_BATCH_BYTES", 2 * 64 * 64 * 4)
+    calls = []
+    for kind in ("_exact_svd", "_sketched_svd"):
+        original = getattr(build, kind)
+        def recorder(stacked, *args, _original=original, _kind=kind):
+            calls.append((_kind, tuple(stacked.shape)))
+            return _original(stacked, *args)
+        monkeypatch.setattr(build, kind, recorder)
+    taillor.clear_frame_cache()
+    torch.manual_seed(0)
+    weights = {f"w{i}": torch.randn(shape) for i, shape in enumerate([(64, 64)] * 5 + [(64, 48), (32, 64)])}
+    config = taillor.TailLoRConfig(rank=2, frame=frame, head=head)
+    build.build_frames(weights, config)
+    m = {name: min(w.shape) for name, w in weights.items()}
+    sketch = {name: None if frame == "full" or taillor.frame.head_uses_exact_svd(head, m[name], config) else head
+              for name in weights}
+    planned = [("_exact_svd" if h is None else "_sketched_svd", (len(chunk),) + tuple(weights[chunk[0]].shape))
+               for h, chunk in build.build_plan(weights, sketch)]
+    assert calls == planned and [c[1][0] for c in calls] == [2, 2, 1, 1, 1]
+    taillor.clear_frame_cache()
+
+
+def test_head_frames_never_hold_two_full_decompositions(monkeypatch):
+    """A head frame cut from the exact SVD is cut batch by batch: when a batch is decomposed, the frames computed
+    before it hold h columns, and no earlier batch's full U is alive (keeping every full decomposition until the
+    end made applying a head frame peak like a full one)."""
+    import sys
+    import weakref
+    from taillor.frame import build
+    monkeypatch.setattr(build, "_MAX_BATCH_BYTES", 64 * 64 * 4)
+    earlier = []
+    original = build._exact_svd
+
+    def recorder(stacked):
+        computed = [entry for entry in sys._getframe(1).f_locals["entries"].values() if entry is not None]
+        assert len(computed) == len(earlier) and all(U.shape[-1] == 30 for U, _, _ in computed)
+        assert all(ref() is None for ref in earlier)
+        U, S, V = original(stacked)
+        earlier.append(weakref.ref(U))
+        return U, S, V
+    monkeypatch.setattr(build, "_exact_svd", recorder)
+    taillor.clear_frame_cache()
+    torch.manual_seed(0)
+    weights = {f"w{i}": torch.randn(64, 64) for i in range(4)}
+    frames = build.build_frames(weights, taillor.TailLoRConfig(rank=2, frame="head", head=30))
+    assert len(earlier) == 4 and {f.U.shape for f in frames.values()} == {torch.Size([64, 30])}
+    taillor.clear_frame_cache()

@@ -11,9 +11,9 @@ float weights that a 4-bit conversion replaced — is reused by the phase withou
 counts every byte the process touched; tracemalloc would miss torch's allocations. "Kept" is ``VmRSS`` after the
 phase, once the heap's free memory is returned too, minus ``VmRSS`` before it: what the phase left allocated.
 
-The estimate checked against it (:func:`estimate_apply_bytes`): applying TailLoR keeps the frames
-(:func:`taillor.estimate_frame_bytes`), a second copy of them in the in-memory frame cache (up to
-``TAILLOR_FRAME_CACHE_MB``, default 1024 MB) and A, B (float32).
+The estimate checked against it is :func:`taillor.estimate_apply_memory` (taken before applying, from the layers'
+shapes): what applying keeps — the frames, the in-memory frame cache's copies (up to ``TAILLOR_FRAME_CACHE_MB``,
+default 1024 MB), A and B — and its peak, while the frames are built (:mod:`taillor.frame.footprint`).
 """
 from __future__ import annotations
 
@@ -51,13 +51,10 @@ def _status(field: str) -> int:
 def _reset_peak() -> None:
     """Return the heap's free memory to the system, then restart VmHWM at VmRSS: memory freed earlier (the float
     weights a 4-bit conversion replaced, say) would otherwise be reused without showing in the resident set."""
-    import ctypes
     import gc
+    from taillor._host_memory import release_freed_host_memory
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: freed memory may then hide part of a phase's allocations
-        pass
+    release_freed_host_memory()  # not glibc: freed memory may then hide part of a phase's allocations
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
 
@@ -86,21 +83,6 @@ def llama_model(shape: str, base: str):
     return model
 
 
-def estimate_apply_bytes(model, config) -> dict[str, int]:
-    """The memory applying TailLoR keeps: frames, their copy in the frame cache, A and B (see the module doc)."""
-    import taillor
-    from taillor.frame.cache import cache_limit_bytes
-    frames = sum(taillor.estimate_frame_bytes(model, config).values())
-    bases = taillor.find_target_modules(model, config)
-    factors = 0
-    for module in bases.values():
-        d_out, d_in = module.out_features, module.in_features
-        k = min(d_out, d_in) if config.frame == "full" else None
-        factors += 4 * config.rank * ((2 * k) if k is not None else (d_in + d_out))
-    cache = min(frames, cache_limit_bytes())
-    return {"frames": frames, "frame_cache": cache, "factors": factors, "total": frames + cache + factors}
-
-
 def probe(shape: str, base: str, method: str) -> dict:
     """One case, in this process: the memory of building, applying and one AdamW training step (bytes)."""
     import torch
@@ -119,7 +101,7 @@ def probe(shape: str, base: str, method: str) -> dict:
     else:
         config = taillor.TailLoRConfig(rank=RANK, alpha=2 * RANK, target_modules="all-linear",
                                        frame=method.split("-")[1], head=0.25)
-        estimate = estimate_apply_bytes(model, config)
+        estimate = taillor.estimate_apply_memory(model, config)
         taillor.apply_taillor(model, config, progress=False)
     apply_peak = _status("VmHWM") - rss_model
     _reset_peak()  # what stays allocated, without the heap's free memory
@@ -174,23 +156,33 @@ def measure_memory(shape: str, bases=MEMORY_BASES, methods=MEMORY_METHODS, tick=
 
 
 def memory_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """(header, lines) in MiB; the estimate column is the apply estimate and its error against the kept memory."""
-    header = ["shape", "base", "method", "process MiB (model built)", "apply peak MiB", "apply kept MiB", "estimate MiB",
-              "estimate vs kept", "step peak MiB", "trainable"]
+    """(header, lines) in MiB, with the estimates' errors against the measured kept memory and peak."""
+    header = ["shape", "base", "method", "process MiB (model built)", "apply peak MiB", "estimated peak MiB",
+              "peak estimate error", "apply kept MiB", "estimated kept MiB", "kept estimate error", "step peak MiB",
+              "trainable"]
     lines = []
     for r in rows:
         if r.get("suite") != "memory":
             continue
         if "skipped" in r:
-            lines.append([r["shape"], r["base"], r["method"], "skipped: " + r["skipped"]] + [""] * 6)
+            lines.append([r["shape"], r["base"], r["method"], "skipped: " + r["skipped"]] + [""] * 8)
             continue
-        mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
         est: Optional[dict] = r["estimate"]
-        lines.append([r["shape"], r["base"], r["method"], mib(r["model_bytes"]), mib(r["apply_peak"]),
-                      mib(r["apply_kept"]), mib(est["total"]) if est else "—",
-                      f"{100 * (est['total'] / r['apply_kept'] - 1):+.1f} %" if est and r["apply_kept"] > 0 else "—",
-                      mib(r["step_peak"]), f"{r['trainable']:,}"])
+        lines.append([r["shape"], r["base"], r["method"], _mib(r["model_bytes"]),
+                      _mib(r["apply_peak"]), _mib(est["peak"]) if est else "—", _error(est, "peak", r["apply_peak"]),
+                      _mib(r["apply_kept"]), _mib(est["kept"]) if est else "—", _error(est, "kept", r["apply_kept"]),
+                      _mib(r["step_peak"]), f"{r['trainable']:,}"])
     return header, lines
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f}"
+
+
+def _error(estimate: Optional[dict], key: str, measured: int) -> str:
+    if not estimate or measured <= 0:
+        return "—"
+    return f"{100 * (estimate[key] / measured - 1):+.1f} %"
 
 
 if __name__ == "__main__":

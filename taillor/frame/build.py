@@ -4,11 +4,12 @@ shape and decomposed as one batched SVD per group, and with torch.distributed in
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from .._host_memory import release_freed_host_memory
 from ..config import TailLoRConfig
 from ..functional import canonicalize_signs, randomized_svd
 from .cache import FRAME_CACHE, cache_key
@@ -49,34 +50,33 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     entries = {}
     for where, w in weights.items():
         entries[where] = FRAME_CACHE.get(keys[where], config.frame_cache_dir)
-        if entries[where] is None and exact[where] and not mode.full_spectrum:  # a full frame's SVD, cut below
+        if entries[where] is None and exact[where] and not mode.full_spectrum:  # a full frame's SVD, cut to h below
             entries[where] = FRAME_CACHE.get(cache_key(w, config, True), config.frame_cache_dir)
     missing = sorted(where for where, entry in entries.items() if entry is None)
     rank, world = _distributed_rank_world()
     owners = {where: i % world for i, where in enumerate(missing)}
-    groups: dict[tuple, list[str]] = {}
-    for where in missing:
-        if owners[where] == rank:
-            w = weights[where]
-            h = None if exact[where] else heads[where]
-            groups.setdefault((tuple(w.shape), w.dtype, str(w.device), h), []).append(where)
-    bar = _progress(sum(len(g) for g in groups.values()), progress)
-    for (_, _, _, h), names in groups.items():
-        for chunk in _chunks(names, weights):
-            stacked = torch.stack([weights[where].detach() for where in chunk])
-            U, S, V = _exact_svd(stacked) if h is None else _sketched_svd(stacked, h, config)
-            del stacked
-            storage = frame_storage_dtype(weights[chunk[0]].dtype, config)
-            for i, where in enumerate(chunk):
-                entries[where] = (U[i].to(storage).contiguous(), S[i].contiguous(), V[i].to(storage).contiguous())
-            del U, S, V
-            bar.update(len(chunk))
+    plan = build_plan({where: weights[where] for where in missing if owners[where] == rank},
+                      {where: None if exact[where] else heads[where] for where in missing})
+    bar = _progress(sum(len(chunk) for _, chunk in plan), progress)
+    for h, chunk in plan:
+        stacked = torch.stack([weights[where].detach() for where in chunk])
+        U, S, V = _exact_svd(stacked) if h is None else _sketched_svd(stacked, h, config)
+        del stacked
+        storage = frame_storage_dtype(weights[chunk[0]].dtype, config)
+        for i, where in enumerate(chunk):
+            # A head frame cut from the exact SVD keeps (and caches) only its h triplets, cut here so that the
+            # full decompositions of a whole model are never held at once. Always a copy: a view would keep the
+            # whole batch alive.
+            k = heads[where] if exact[where] and not mode.full_spectrum else S.shape[-1]
+            entries[where] = (_own_copy(U[i, :, :k], storage), S[i, :k].clone(), _own_copy(V[i, :, :k], storage))
+        del U, S, V
+        if weights[chunk[0]].device.type == "cpu":
+            release_freed_host_memory()
+        bar.update(len(chunk))
     bar.close()
     if world > 1:
         _broadcast_frames(missing, owners, entries, weights, heads, exact, config)
     for where in missing:
-        if exact[where] and not mode.full_spectrum:  # a head frame keeps (and caches) only its h triplets
-            entries[where] = tuple(t[..., :heads[where]].contiguous() for t in entries[where])
         # The disk cache is written by the rank that computed the frame.
         FRAME_CACHE.put(keys[where], entries[where], config.frame_cache_dir if owners[where] == rank else None)
     computed_here = set(missing)  # the others came from the cache, memory or disk
@@ -151,14 +151,30 @@ def _checked_head(h: int, m: int, config: TailLoRConfig, where: str) -> int:
     return h
 
 
-_MAX_BATCH_BYTES = 1 << 30
+# Stacking same-shape weights into one batched SVD saves little time on a CPU (LAPACK loops over the batch) but
+# every byte of a batch is transient memory on top of the frames: 8 MiB bounds it (one weight when larger).
+_MAX_BATCH_BYTES = 8 << 20
 
 
-def _chunks(names: list[str], weights: Mapping[str, Tensor]):
-    """Split a same-shape group so that a stacked batch stays under 1 GiB."""
-    per = max(1, _MAX_BATCH_BYTES // max(1, weights[names[0]].numel() * 4))
-    for i in range(0, len(names), per):
-        yield names[i:i + per]
+def build_plan(weights: Mapping[str, Tensor],
+               heads: Mapping[str, Optional[int]]) -> list[tuple[Optional[int], list[str]]]:
+    """The batched SVDs that build the frames of ``weights`` (name -> (d_out, d_in) tensor, meta tensors too), in
+    the order they run: (h, names), h the sketch size or None for the exact SVD. Names are grouped by
+    (shape, dtype, device, h) and each group is split so that a stacked batch (in float32) stays within
+    _MAX_BATCH_BYTES."""
+    groups: dict[tuple, list[str]] = {}
+    for where in sorted(weights):
+        w = weights[where]
+        groups.setdefault((tuple(w.shape), w.dtype, str(w.device), heads[where]), []).append(where)
+    plan = []
+    for (shape, _, _, h), names in groups.items():
+        per = max(1, _MAX_BATCH_BYTES // max(1, shape[0] * shape[1] * 4))
+        plan.extend((h, names[i:i + per]) for i in range(0, len(names), per))
+    return plan
+
+
+def _own_copy(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def _progress(total: int, enabled: bool):
@@ -179,7 +195,7 @@ def _broadcast_frames(missing, owners, entries, weights, heads, exact, config: T
     for where in missing:
         w = weights[where]
         d_out, d_in = w.shape
-        k = min(d_out, d_in) if exact[where] else heads[where]
+        k = min(d_out, d_in) if frame_mode(config.frame).full_spectrum else heads[where]
         dtype, storage = _frame_dtype(w), frame_storage_dtype(w.dtype, config)
         if entries[where] is None:
             entries[where] = (w.new_empty(d_out, k, dtype=storage), w.new_empty(k, dtype=dtype),

@@ -31,18 +31,20 @@ def frame_storage_dtype(weight_dtype: torch.dtype, config: TailLoRConfig) -> tor
     return torch.float32
 
 
-def frame_bytes(d_out: int, d_in: int, weight_dtype: torch.dtype, config: TailLoRConfig, where: str = "layer") -> int:
-    """Bytes the frame of one (d_out, d_in) weight keeps: U (d_out, k) and V (d_in, k) in
-    :func:`frame_storage_dtype`, S and ω² (k,) in float32 (float64 for a float64 weight). k = min(d_out, d_in) for
-    a full frame, h for a head frame; a head frame sized by ``head_energy`` (h unknown before its SVD) is counted at
-    its largest possible size, m - 1."""
+def frame_size(d_out: int, d_in: int, config: TailLoRConfig, where: str = "layer") -> int:
+    """k, the number of triplets the frame of a (d_out, d_in) weight holds: min(d_out, d_in) for a full frame, h
+    for a head frame; a head frame sized by ``head_energy`` (h unknown before its SVD) at its largest, m - 1."""
     m = min(d_out, d_in)
     if config.frame == "full":
-        k = m
-    elif config.head_energy is not None:
-        k = m - 1
-    else:
-        k = head_from_count(config, m, where)
+        return m
+    return m - 1 if config.head_energy is not None else head_from_count(config, m, where)
+
+
+def frame_bytes(d_out: int, d_in: int, weight_dtype: torch.dtype, config: TailLoRConfig, where: str = "layer") -> int:
+    """Bytes the frame of one (d_out, d_in) weight keeps: U (d_out, k) and V (d_in, k) in
+    :func:`frame_storage_dtype`, S and ω² (k,) in float32 (float64 for a float64 weight); k from
+    :func:`frame_size`."""
+    k = frame_size(d_out, d_in, config, where)
     small = 8 if weight_dtype == torch.float64 else 4
     return k * (d_out + d_in) * frame_storage_dtype(weight_dtype, config).itemsize + 2 * k * small
 
