@@ -1,6 +1,6 @@
 """Building frames: many weights at once — checked, head sizes resolved, cached frames reused, the rest grouped by
-shape and decomposed as one batched SVD per group, and with torch.distributed initialized sharded across ranks
-(each rank computes its share and broadcasts it).
+shape and decomposed in batched SVDs of at most 8 MiB each (:func:`build_plan`), and with torch.distributed
+initialized sharded across ranks (each rank computes its share and broadcasts it).
 """
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ def build_frames(weights: Mapping[str, Tensor], config: TailLoRConfig,
     """Frames of many weights (name -> (d_out, d_in) tensor) under ``config``, computed in batches.
 
     Weights are checked first (2-D, finite; ValueError naming the layer), then h is resolved per layer, cached
-    frames are reused, and the rest are grouped by (shape, dtype, device, h) and decomposed as one batched SVD
-    per group. With torch.distributed initialized, each rank computes the groups of its share of the layers and
-    broadcasts them, so every rank ends with every frame.
+    frames are reused, and the rest are decomposed in the batches of :func:`build_plan`; a head frame is cut to its
+    h triplets as soon as its batch is done, and freed host memory goes back to the system after each batch, so
+    the peak stays near the frames kept (:func:`taillor.estimate_apply_memory` estimates it). With
+    torch.distributed initialized, each rank computes its share of the layers and broadcasts it, so every rank ends
+    with every frame.
     """
     for where, weight in weights.items():
         if weight.dim() != 2:
