@@ -123,7 +123,7 @@ def probe(shape: str, base: str, method: str) -> dict:
 
 def memory_shapes() -> list[str]:
     """The shapes the memory suite measures by default (the toy one in fast mode; ``--memory-shapes`` adds
-    llama-1b, whose nine rows took 35 minutes on two cores)."""
+    llama-1b, whose nine rows took 29 minutes on two cores)."""
     from .shapes import fast_mode
     return ["toy"] if fast_mode() else ["smollm2-135m"]
 
