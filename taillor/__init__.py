@@ -22,5 +22,6 @@ __all__ = [
     "__version__", "TailLoRConfig", "TailLoRLinear", "SpectralFrame", "apply_taillor", "build_frames",
     "clear_frame_cache", "consolidate", "continual", "estimate_apply_memory", "estimate_frame_bytes",
     "export_lora", "find_target_modules", "info", "iter_taillor_layers", "load_adapter", "merge_and_requantize",
-    "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty", "spectral_projection", "spectral_report", "taillor_linear", "trainable_parameters", "use_backend",
+    "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty", "spectral_projection", "spectral_report",
+    "taillor_linear", "trainable_parameters", "use_backend",
 ]

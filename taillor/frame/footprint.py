@@ -2,9 +2,9 @@
 
 Applying keeps the frames (:func:`.spectral.frame_bytes` each), the frame cache's copy of those the in-memory cache
 holds (least recently used first out, up to its limit), and A, B (with an adapting λ, also their copy as of λ's last
-step). Its peak comes while the frames are built, so the
-estimate replays the build in the order it runs (:func:`.build.build_plan` for stored weights, then quantized
-ones one at a time) and takes the largest of "frames kept so far + the transient memory of the next SVD".
+step). Its peak comes while the frames are built, so the estimate replays the build in the order it runs
+(:func:`.build.build_plan` for stored weights, then quantized ones one at a time) and takes the largest of "frames
+kept so far + the transient memory of the next SVD".
 
 The transient of one batched exact SVD of b weights (d_out, d_in), X = b·d_out·d_in numbers, k = min(d_out, d_in),
 weights of e bytes, frame math in f bytes (4; 8 for float64):
@@ -39,44 +39,54 @@ class LayerShape(NamedTuple):
     quantized: bool = False
 
 
-def apply_footprint(layers: Mapping[str, LayerShape], config: TailLoRConfig,
-                          cache_limit: int) -> dict[str, int]:
+def apply_footprint(layers: Mapping[str, LayerShape], config: TailLoRConfig, cache_limit: int) -> dict[str, int]:
     """Bytes of applying TailLoR to ``layers`` (name -> LayerShape) with an empty frame cache of ``cache_limit``
     bytes: ``frames``, ``frame_cache`` (the cache's copies left at the end), ``factors`` (A and B, twice when λ
-    adapts to ``head_share_target``: the layer keeps them as of λ's last step), ``kept`` (their
-    sum: what applying leaves allocated) and ``peak`` (the most allocated at once while applying)."""
+    adapts to ``head_share_target``: the layer keeps them as of λ's last step), ``kept`` (their sum: what applying
+    leaves allocated) and ``peak`` (the most allocated at once while applying)."""
     sizes = {name: frame_bytes(s.d_out, s.d_in, s.dtype, config, name) for name, s in layers.items()}
-    cache: OrderedDict[str, int] = OrderedDict()
-    held, peak = 0, 0
+    cache = _CacheReplay(cache_limit)
+    held, peak = 0, 0  # bytes of the frames built so far; the most allocated at once
 
-    def remember(name: str) -> None:  # FrameCache._remember: LRU, an entry over the limit is not kept
-        s = layers[name]  # an entry is (U, S, V): the frame less its ω²
-        entry = sizes[name] - frame_size(s.d_out, s.d_in, config, name) * (8 if s.dtype == torch.float64 else 4)
-        if entry <= cache_limit:
-            cache[name] = entry
-            while sum(cache.values()) > cache_limit:
-                cache.popitem(last=False)
+    def remember(name: str) -> None:
+        s = layers[name]  # an entry is (U, S, V): the frame less its ω² (k numbers)
+        omega2 = frame_size(s.d_out, s.d_in, config, name) * (8 if s.dtype == torch.float64 else 4)
+        cache.put(name, sizes[name] - omega2)
 
     stored = {n: torch.empty(s.d_out, s.d_in, dtype=s.dtype, device="meta") for n, s in layers.items()
               if not s.quantized}
     for sketch, chunk in build_plan(stored, {n: _sketch_size(layers[n], config, n) for n in stored}):
-        s = layers[chunk[0]]
-        peak = max(peak, held + _svd_transient_bytes(len(chunk), s, sketch))
+        peak = max(peak, held + _svd_transient_bytes(len(chunk), layers[chunk[0]], sketch))
         held += sum(sizes[n] for n in chunk)
-    for name in sorted(stored):
+    for name in sorted(stored):  # cached once the whole batch of stored weights is built
         remember(name)
     for name, s in layers.items():
-        if s.quantized:
+        if s.quantized:  # built one at a time from a dequantized copy, cached at once
             dequantized = s.d_out * s.d_in * s.dtype.itemsize
-            peak = max(peak, held + sum(cache.values()) + dequantized
+            peak = max(peak, held + cache.bytes + dequantized
                        + _svd_transient_bytes(1, s, _sketch_size(s, config, name)))
             held += sizes[name]
             remember(name)
-    frames = sum(sizes.values())
-    factors = sum(_factor_bytes(s, config, name) for s in layers.values())
-    kept = frames + sum(cache.values()) + factors
-    return {"frames": frames, "frame_cache": sum(cache.values()), "factors": factors, "kept": kept,
-            "peak": max(peak, kept)}
+    factors = sum(_factor_bytes(s, config, name) for name, s in layers.items())
+    kept = held + cache.bytes + factors
+    return {"frames": held, "frame_cache": cache.bytes, "factors": factors, "kept": kept, "peak": max(peak, kept)}
+
+
+class _CacheReplay:
+    """The in-memory frame cache's bookkeeping (FrameCache._remember): least recently used out first, an entry over
+    the limit not kept."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes = limit, 0
+        self._entries: OrderedDict[str, int] = OrderedDict()
+
+    def put(self, name: str, size: int) -> None:
+        if size > self.limit:
+            return
+        self._entries[name] = size
+        self.bytes += size
+        while self.bytes > self.limit:
+            self.bytes -= self._entries.popitem(last=False)[1]
 
 
 def _sketch_size(s: LayerShape, config: TailLoRConfig, name: str) -> Optional[int]:
