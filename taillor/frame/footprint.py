@@ -50,13 +50,13 @@ def apply_footprint(layers: Mapping[str, LayerShape], config: TailLoRConfig, cac
 
     def remember(name: str) -> None:
         s = layers[name]  # an entry is (U, S, V): the frame less its ω² (k numbers)
-        omega2 = frame_size(s.d_out, s.d_in, config, name) * (8 if s.dtype == torch.float64 else 4)
+        omega2 = frame_size(s.d_out, s.d_in, config, name) * _math_bytes(s)
         cache.put(name, sizes[name] - omega2)
 
     stored = {n: torch.empty(s.d_out, s.d_in, dtype=s.dtype, device="meta") for n, s in layers.items()
               if not s.quantized}
-    for sketch, chunk in build_plan(stored, {n: _sketch_size(layers[n], config, n) for n in stored}):
-        peak = max(peak, held + _svd_transient_bytes(len(chunk), layers[chunk[0]], sketch))
+    for h, chunk in build_plan(stored, {n: _sketched_head(layers[n], config, n) for n in stored}):
+        peak = max(peak, held + _svd_transient_bytes(len(chunk), layers[chunk[0]], h, config))
         held += sum(sizes[n] for n in chunk)
     for name in sorted(stored):  # cached once the whole batch of stored weights is built
         remember(name)
@@ -64,7 +64,7 @@ def apply_footprint(layers: Mapping[str, LayerShape], config: TailLoRConfig, cac
         if s.quantized:  # built one at a time from a dequantized copy, cached at once
             dequantized = s.d_out * s.d_in * s.dtype.itemsize
             peak = max(peak, held + cache.bytes + dequantized
-                       + _svd_transient_bytes(1, s, _sketch_size(s, config, name)))
+                       + _svd_transient_bytes(1, s, _sketched_head(s, config, name), config))
             held += sizes[name]
             remember(name)
     factors = sum(_factor_bytes(s, config, name) for name, s in layers.items())
@@ -89,19 +89,21 @@ class _CacheReplay:
             self.bytes -= self._entries.popitem(last=False)[1]
 
 
-def _sketch_size(s: LayerShape, config: TailLoRConfig, name: str) -> Optional[int]:
-    """The number of columns a randomized SVD of this layer sketches, None when its frame takes the exact SVD."""
+def _sketched_head(s: LayerShape, config: TailLoRConfig, name: str) -> Optional[int]:
+    """h when build_frames sketches this layer's head frame with the randomized SVD (the h its plan is keyed by),
+    None when the frame takes the exact SVD."""
     m = min(s.d_out, s.d_in)
     if frame_mode(config.frame).full_spectrum or config.head_energy is not None:
         return None  # head_energy: h is unknown before the SVD; counted at its largest, which is exact
     h = head_from_count(config, m, name)
-    return None if head_uses_exact_svd(h, m, config) else min(m, h + head_svd_settings(h, config)[0])
+    return None if head_uses_exact_svd(h, m, config) else h
 
 
-def _svd_transient_bytes(batch: int, s: LayerShape, sketch: Optional[int]) -> int:
-    math = 8 if s.dtype == torch.float64 else 4
+def _svd_transient_bytes(batch: int, s: LayerShape, sketched_head: Optional[int], config: TailLoRConfig) -> int:
+    math = _math_bytes(s)
     numbers = batch * s.d_out * s.d_in
-    k = min(s.d_out, s.d_in) if sketch is None else sketch
+    m = min(s.d_out, s.d_in)
+    k = m if sketched_head is None else min(m, sketched_head + head_svd_settings(sketched_head, config)[0])
     copy = numbers * math if s.dtype.itemsize != math else 0
     return numbers * s.dtype.itemsize + copy + numbers * math + 2 * batch * k * (s.d_out + s.d_in) * math
 
@@ -109,6 +111,10 @@ def _svd_transient_bytes(batch: int, s: LayerShape, sketch: Optional[int]) -> in
 def _factor_bytes(s: LayerShape, config: TailLoRConfig, name: str) -> int:
     k = frame_size(s.d_out, s.d_in, config, name)
     shape_A, shape_B = frame_mode(config.frame).factor_shapes(config.rank, k, s.d_in, s.d_out)
-    size = 8 if s.dtype == torch.float64 else 4  # A and B are float32 (float64 on a float64 base)
     copies = 2 if config.adapts_strength else 1  # an adapting λ keeps A and B as of its last step
-    return copies * (shape_A[0] * shape_A[1] + shape_B[0] * shape_B[1]) * size
+    return copies * (shape_A[0] * shape_A[1] + shape_B[0] * shape_B[1]) * _math_bytes(s)
+
+
+def _math_bytes(s: LayerShape) -> int:
+    """Bytes of a number in the frame math, S, ω², A and B: float32, float64 on a float64 weight."""
+    return 8 if s.dtype == torch.float64 else 4
