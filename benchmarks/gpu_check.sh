@@ -58,8 +58,9 @@ fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-for var in $(compgen -e | grep '^TAILLOR_'); do unset "$var"; done
-unset TRITON_INTERPRET
+CLEARED=""
+for var in $(compgen -e | grep -E '^(TAILLOR_|TRITON_INTERPRET$)'); do unset "$var"; CLEARED="$CLEARED $var"; done
+[ -n "$CLEARED" ] && echo "gpu_check.sh: cleared inherited settings:$CLEARED"
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "gpu_check.sh: $PY not found" >&2
     exit 2

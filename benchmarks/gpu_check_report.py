@@ -81,6 +81,16 @@ def junit_summary(path):
     return passed, failed, skipped, names
 
 
+def junit_properties(path) -> list[tuple[str, str, str]]:
+    """(test, name, value) of every record_property of a JUnit XML file (figures a test measured)."""
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    return [(case.get("name", "?"), prop.get("name", "?"), prop.get("value", ""))
+            for case in root.iter("testcase") for prop in case.iter("property")]
+
+
 def collected_count(log_text: str):
     """The number of tests pytest selected to run, from its log (xdist: "N workers [K items]"; plain: "collected
     N items / D deselected / K selected" or "collected N items"), or None when the log does not say."""
@@ -184,7 +194,7 @@ def frames_goals(rows, problem: str = ""):
                                MET if row["s"] <= FRAMES_SECONDS else NOT_MET, problem))
     exact = find("linalg.svd")
     goal = f"build_frames >= {FRAMES_SPEEDUP:g}x torch.linalg.svd"
-    if exact is None or "speedup_of_build_frames" not in exact:
+    if exact is None or exact.get("speedup_of_build_frames") is None:
         goals.append((goal, NOT_MEASURED + (why or " (no row)"), NOT_MEASURED))
     else:
         speedup = exact["speedup_of_build_frames"]
@@ -258,6 +268,10 @@ def build(work, gpu_info="", start=None, cap=None):
         summary = junit_summary(os.path.join(work, name))
         if summary and summary[3]:
             lines.append(f"{title}, failed: " + ", ".join(summary[3][:20]) + ("" if len(summary[3]) <= 20 else ", …"))
+    measured = junit_properties(os.path.join(work, "ext_tests.xml"))
+    if measured:  # e.g. the TF32 range finder's error against float64, next to the fp32 path's
+        lines += ["", "| test | figure | value |", "|---|---|---|"]
+        lines += [f"| {test} | {name} | {value} |" for test, name, value in measured]
     rows = []
     for name in ("speed.json", "frames.json"):
         rows += (_read_json(os.path.join(work, name)) or {}).get("rows", [])
