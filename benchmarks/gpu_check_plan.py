@@ -64,21 +64,21 @@ def compiles_per_stage() -> dict[str, int]:
     return {"tests": total, "speed": speed}
 
 
-def collected_tests(args: list[str]) -> int:
-    """How many tests ``pytest --collect-only -m gpu ARGS`` selects (pytest's own count)."""
+def collected_tests() -> dict[str, int]:
+    """{"tests": n, "ext_tests": n}: how many ``-m gpu`` tests pytest collects for each stage (one collection)."""
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
-                          "no:cacheprovider", *args], capture_output=True, text=True, timeout=300)
-    found = re.findall(r"(\d+)(?:/\d+)? tests? collected", out.stdout)
-    if not found:
-        raise RuntimeError(f"pytest did not report a test count for {args}: {out.stdout[-500:]}{out.stderr[-500:]}")
-    return int(found[-1])
+                          "no:cacheprovider", "tests"], capture_output=True, text=True, timeout=300)
+    ids = [line.split("::")[0] for line in out.stdout.splitlines() if "::" in line]
+    if not ids and not re.search(r"\d+(?:/\d+)? tests? collected", out.stdout):
+        raise RuntimeError(f"pytest did not report its collection: {out.stdout[-500:]}{out.stderr[-500:]}")
+    ext = sum(1 for path in ids if path in EXT_TESTS)
+    return {"tests": len(ids) - ext, "ext_tests": ext}
 
 
 def estimate(cores: int) -> list[dict]:
     """One dict per stage: name, limit, compiles, tests, est (seconds), what."""
     compiles = compiles_per_stage()
-    tests = {"tests": collected_tests(["tests"] + [f"--ignore={path}" for path in EXT_TESTS]),
-             "ext_tests": collected_tests(list(EXT_TESTS))}
+    tests = collected_tests()
     rows = []
     for name, limit, base, what in STAGES:
         n_compiles, n_tests = compiles.get(name, 0), tests.get(name, 0)
