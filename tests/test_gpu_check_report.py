@@ -274,3 +274,25 @@ def test_device_checksum_tells_chunks_apart():
     from taillor.frame.cache import device_checksum
     a, b = torch.arange(16, dtype=torch.float32), torch.arange(16, 32, dtype=torch.float32)
     assert device_checksum(torch.cat([a, b]), chunk_words=16) != device_checksum(torch.cat([b, a]), chunk_words=16)
+
+
+def test_weight_digest_off_the_cpu_never_copies_the_weight_to_the_host(monkeypatch):
+    """A non-CPU weight (meta here) is digested by device_checksum on its device, with dtype and shape in the key."""
+    import taillor.frame.cache as cache
+    seen = []
+    monkeypatch.setattr(cache, "device_checksum", lambda t: seen.append(t.device.type) or (1, 2))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: pytest.fail("copied to the host"))
+    a = cache.weight_digest(torch.empty(4, 6, device="meta"))
+    assert seen == ["meta"]
+    assert a != cache.weight_digest(torch.empty(6, 4, device="meta"))
+    assert a != cache.weight_digest(torch.empty(4, 6, device="meta", dtype=torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weight_digest_on_cuda_sees_a_one_bit_change():
+    from taillor.frame.cache import weight_digest
+    w = torch.randn(1000, 777, device="cuda")
+    changed = w.clone()
+    changed.view(torch.int32)[500, 400] ^= 1
+    assert weight_digest(w) == weight_digest(w.clone()) != weight_digest(changed)

@@ -150,8 +150,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         except OSError:
             pass
         checks = target_checks(rows)
-        with open(json_path, "w") as f:
+        with open(json_path + ".tmp", "w") as f:  # atomic: a run stopped mid-write keeps the previous file
             json.dump({"meta": meta, "rows": rows, "targets": checks}, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)
         with open(md_path, "w") as f:
             f.write(format_markdown(rows))
             if checks:

@@ -11,6 +11,7 @@ setting that shapes the sketch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -74,6 +75,12 @@ def _table(device: torch.device, seed: int, length: int) -> Tensor:
     return table
 
 
+@functools.lru_cache(maxsize=4096)
+def _chunk_multiplier(chunk: int, seed: int) -> int:
+    """The odd multiplier M_c of chunk ``chunk`` in the lane of ``seed`` (a host-side int64)."""
+    return int(_multipliers(torch.tensor([chunk], dtype=torch.int64), seed ^ 0x5A5A5A5A)[0])
+
+
 def device_checksum(tensor: Tensor, chunk_words: int = _CHUNK_WORDS) -> tuple[int, int]:
     """Two 64-bit lanes h = Σ_c M_c · Σ_j word_(c,j) · m_j (mod 2^64) over the bytes of ``tensor``, on its device.
 
@@ -93,8 +100,7 @@ def device_checksum(tensor: Tensor, chunk_words: int = _CHUNK_WORDS) -> tuple[in
     for c, start in enumerate(range(0, words.numel(), chunk_words)):
         chunk = words[start:start + chunk_words].to(torch.int64)
         for lane, seed in enumerate(_SEEDS):
-            weight = _signed64(int(_multipliers(torch.tensor([c], dtype=torch.int64), seed ^ 0x5A5A5A5A)[0]))
-            total[lane] += (chunk * tables[lane][:chunk.numel()]).sum() * weight
+            total[lane] += (chunk * tables[lane][:chunk.numel()]).sum() * _chunk_multiplier(c, seed)
     lanes = total.tolist()
     return lanes[0] & ((1 << 64) - 1), lanes[1] & ((1 << 64) - 1)
 
