@@ -235,6 +235,36 @@ def test_time_interleaved_times_every_method_alike_and_reports_host_time_apart()
         time_interleaved({"linear": run("linear")}, rounds=1, steps=0, timer=timer)
 
 
+def test_cuda_event_timer_reads_device_time_in_seconds_and_host_time_before_waiting(monkeypatch):
+    """CudaEventTimer with fake CUDA events (no GPU here): start syncs and records, issued() records the end event
+    without waiting, stop() waits on it and converts elapsed_time's milliseconds to seconds."""
+    from taillor.bench.measurement import CudaEventTimer
+    log = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "begin" if not any(isinstance(e, FakeEvent) for e in log) else "end"
+            log.append(self)
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"wait {self.name}")
+
+        def elapsed_time(self, other):
+            return 250.0  # milliseconds
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    timer = CudaEventTimer(torch.device("cuda"))
+    timer.start()
+    host = timer.issued()
+    assert [e for e in log if isinstance(e, str)] == ["synchronize", "record begin", "record end"]
+    assert timer.stop() == pytest.approx(0.25) and log[-1] == "wait end" and host >= 0
+
+
 def test_train_steps_runs_clean_steps_without_accumulating():
     """The loop the CUDA timer times: n steps leave the gradient of one step (cleared as zero_grad does)."""
     from conftest import assert_matches_oracle
