@@ -265,6 +265,23 @@ def test_cuda_event_timer_reads_device_time_in_seconds_and_host_time_before_wait
     assert timer.stop() == pytest.approx(0.25) and log[-1] == "wait end" and host >= 0
 
 
+def test_batched_adapter_timing_rows_on_the_cpu():
+    """The path the speed stage runs on CUDA, here with a synchronising timer: fwd+bwd together, host time apart,
+    every method in the same rounds, outputs still checked against eager."""
+    from taillor.bench.measurement import SyncTimer, measure_adapter
+    from taillor.bench.shapes import AdapterShape
+    shape = AdapterShape(32, 16, 12, 4, "float32")
+    rows = {r["method"]: r for r in measure_adapter(shape, torch.device("cpu"), ("linear", "taillor-eager", "naive-xv"),
+                                                    warmup=1, rounds=3, steps_per_round=2,
+                                                    batch_timer=SyncTimer(torch.device("cpu")))}
+    assert set(rows) == {"linear", "taillor-eager", "naive-xv"}
+    for row in rows.values():
+        assert row["timing"] == "SyncTimer, 2 fwd+bwd steps per round" and row["fwd_ms"] is None
+        assert row["fwd_bwd_ms"] > 0 and row["host_ms"] > 0 and isinstance(row["host_bound"], bool)
+    assert rows["linear"]["ratio_fwd_bwd"] == pytest.approx(1.0)
+    assert rows["naive-xv"]["check"].startswith("ok")
+
+
 def test_train_steps_runs_clean_steps_without_accumulating():
     """The loop the CUDA timer times: n steps leave the gradient of one step (cleared as zero_grad does)."""
     from conftest import assert_matches_oracle

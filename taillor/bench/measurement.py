@@ -115,9 +115,11 @@ def paired_ratio(values: list[float], reference: list[float]) -> float:
 
 def measure_adapter(shape: AdapterShape, device: torch.device, methods: Iterable[str] = METHODS,
                     warmup: int = 2, rounds: int = 7, tick: Optional[Callable[[int], None]] = None,
-                    steps_per_round: int = 20) -> list[dict]:
+                    steps_per_round: int = 20, batch_timer=None) -> list[dict]:
     """Interleaved fwd/bwd timings of every method on one shape; one row per method (see module docstring).
-    ``steps_per_round``: the fwd+bwd steps issued back to back per method and round on CUDA (unused on the CPU)."""
+    ``steps_per_round``: the fwd+bwd steps issued back to back per method and round on CUDA (unused on the CPU).
+    ``batch_timer``: the timer of that batched path (default: CudaEventTimer on CUDA; given on the CPU, e.g. a
+    SyncTimer, it runs the batched path there too — how tests exercise it without a GPU)."""
     cases, skipped, x, dy = build_adapter_methods(shape, device, methods)
     keys = list(cases)
     errors: dict[str, str] = {}
@@ -131,12 +133,15 @@ def measure_adapter(shape: AdapterShape, device: torch.device, methods: Iterable
     checks = check_outputs(cases, keys, x, dy, device, shape.torch_dtype)
     if tick:
         tick(len(errors))
-    if device.type == "cuda":
+    if batch_timer is None and device.type == "cuda":
+        batch_timer = CudaEventTimer(device)
+    if batch_timer is not None:
         runs = {k: (lambda n, case=cases[k]: case.train_steps(x, dy, n)) for k in keys}
-        both, host = time_interleaved(runs, rounds, steps_per_round, CudaEventTimer(device), tick)
+        both, host = time_interleaved(runs, rounds, steps_per_round, batch_timer, tick)
         return _adapter_rows(shape, device, cases, skipped, errors, checks, x, dy, rounds,
                              {k: None for k in keys}, {k: None for k in keys}, both,
-                             {"host": host, "timing": f"CUDA events, {steps_per_round} fwd+bwd steps per round"})
+                             {"host": host, "timing": f"{type(batch_timer).__name__}, {steps_per_round} fwd+bwd "
+                                                      "steps per round"})
     fwd: dict[str, list[float]] = {k: [] for k in keys}
     bwd: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(rounds):
