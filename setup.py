@@ -3,7 +3,9 @@
 taillor._C is built only when torch has CUDA, a CUDA toolkit with nvcc is found (CUDA_HOME, else the toolkit of
 the nvcc on PATH, else /usr/local/cuda) and TAILLOR_NO_CUDA_EXT is not "1"; otherwise one line says why and the
 package installs without it (taillor then runs the same algorithm in PyTorch). A failed compile prints one line
-and installs without the extension, unless TAILLOR_REQUIRE_CUDA_EXT=1 (CI), which makes it an error.
+and installs without the extension. With TAILLOR_REQUIRE_CUDA_EXT=1 (CI, benchmarks/gpu_check.sh) the build is
+required: a failed compile and every reason to skip it but TAILLOR_NO_CUDA_EXT=1 (no CUDA torch, no toolkit, no
+cuBLAS/cuSOLVER) are errors, so a run that needs the extension can never go on without it. `taillor info` says whether it is built.
 Install with `pip install --no-build-isolation -e .` so the build sees the installed torch.
 """
 import glob
@@ -72,33 +74,36 @@ def _find_math_lib(pairs, header, lib):
     return include, None, None
 
 
+def _skip(reason):
+    """([], {}) after one line saying why the extension is skipped; an error when it is required."""
+    if _REQUIRE:
+        raise SystemExit(f"taillor: TAILLOR_REQUIRE_CUDA_EXT=1, but the CUDA extension taillor._C cannot be built: "
+                         f"{reason}")
+    _say(f"skipping the CUDA extension taillor._C: {reason}")
+    return [], {}
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass) for taillor._C, or ([], {}) after one line saying why it is skipped."""
-    if os.environ.get("TAILLOR_NO_CUDA_EXT") == "1":
+    if os.environ.get("TAILLOR_NO_CUDA_EXT") == "1":  # an explicit skip wins (the demos' installs in CI)
         _say("skipping the CUDA extension taillor._C: TAILLOR_NO_CUDA_EXT=1")
         return [], {}
     try:
         import torch
     except ImportError:
-        _say("skipping the CUDA extension taillor._C: torch is not importable (install torch first, then "
-             "pip install --no-build-isolation)")
-        return [], {}
+        return _skip("torch is not importable (install torch first, then pip install --no-build-isolation)")
     if torch.version.cuda is None:
-        _say(f"skipping the CUDA extension taillor._C: torch {torch.__version__} is built without CUDA")
-        return [], {}
+        return _skip(f"torch {torch.__version__} is built without CUDA")
     cuda_home = _find_cuda_home()
     if cuda_home is None:
-        _say("skipping the CUDA extension taillor._C: no CUDA toolkit with nvcc found (set CUDA_HOME)")
-        return [], {}
+        return _skip("no CUDA toolkit with nvcc found (set CUDA_HOME)")
     cuda_major = torch.version.cuda.split(".")[0]
     pairs = _math_lib_dirs(cuda_home, cuda_major)
     link_args, include_dirs = [], [os.path.join(cuda_home, "include")]
     for header, lib in (("cublas_v2.h", "cublas"), ("cusolverDn.h", "cusolver")):
         include, libdir, flag = _find_math_lib(pairs, header, lib)
         if include is None or flag is None:
-            _say(f"skipping the CUDA extension taillor._C: {header} or lib{lib}.so not found (CUDA_HOME={cuda_home}, "
-                 "nvidia-* wheels)")
-            return [], {}
+            return _skip(f"{header} or lib{lib}.so not found (CUDA_HOME={cuda_home}, nvidia-* wheels)")
         if include not in include_dirs:
             include_dirs.append(include)
         for arg in (f"-L{libdir}", f"-Wl,-rpath,{libdir}", flag):
@@ -122,8 +127,9 @@ def _cuda_extension():
                 if _REQUIRE:
                     raise
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-                _say(f"building the CUDA extension taillor._C failed ({reason}); installing without it "
-                     "(TAILLOR_REQUIRE_CUDA_EXT=1 makes this an error)")
+                _say(f"building the CUDA extension taillor._C FAILED ({reason}); installing WITHOUT it: "
+                     "randomized_svd runs its PyTorch path (`taillor info` says cuda_extension: missing; "
+                     "TAILLOR_REQUIRE_CUDA_EXT=1 makes this an error)")
                 self.extensions = []
 
     ext = cpp_extension.CUDAExtension(

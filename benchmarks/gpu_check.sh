@@ -1,32 +1,35 @@
 #!/usr/bin/env bash
 # gpu_check.sh — one short run on a lent GPU machine that settles every GPU question of taillor and ends with a
-# verdict table. Made for a fresh machine with torch, triton and Python preinstalled and no network.
+# verdict table. Made for a fresh machine with torch, triton, pytest-xdist and Python preinstalled and no network.
 #
 # usage: bash benchmarks/gpu_check.sh OUT_DIR [--dry-run]
 #
-#   --dry-run   check the arguments, print the plan (stages, budgets, their sum and the cap) and whether a GPU is
-#               visible; run nothing, write nothing (exit 0; CI runs this on the CPU).
+#   --dry-run   print the plan: each stage's limit, its number of Triton compiles (from the call-site records of
+#               taillor check-kernels), its tests (pytest's collection) and its estimated time on GPU_CHECK_CORES
+#               cores, and the total against the 8-minute goal; needs no GPU, runs nothing on one, writes nothing
+#               (exit 1 when the plan does not fit; CI runs it on the CPU).
 #
-# Stages, in this order (each under `timeout`, each given min(its budget, the time left before the cap):
+# Stages, in this order (each under `timeout`, given min(its limit, the time left before the cap); the limits live
+# in benchmarks/gpu_check_plan.py):
 #   install      pip install --no-deps --no-build-isolation -e . without the CUDA extension (seconds)
-#   ext_build    starts in the background right after the install: builds taillor._C for this GPU's arch on idle
-#                cores (nice, MAX_JOBS=4) while the GPU stages run; ext_wait waits for it before ext_tests
+#   ext_build    starts in the background right after the install: builds taillor._C for this GPU's arch with
+#                TAILLOR_REQUIRE_CUDA_EXT=1 (a compile error fails it) on idle cores while the GPU stages run
 #   info         taillor info --json
-#   tests        compiled-correctness tests: pytest -m gpu on the op-stem test files of the Triton kernels
-#                (test_tail_adapter, test_spectral_projection, test_spectral_penalty) and test_kernel_launch
-#   speed        the speed-target shape (bf16, 8192 tokens, 4096x4096, r=16): nn.Linear, PEFT LoRA, TailLoRLinear
-#                eager / Triton fused / Triton split; no torch.compile; one frame (one exact SVD) shared by all
-#                TailLoR rows; every TailLoR output compared with eager (a mismatch marks the row FAILED)
-#   ext_wait     wait for ext_build
-#   ext_tests    pytest -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py (TAILLOR_REQUIRE_CUDA_EXT=1
-#                if the build succeeded)
-#   frames       taillor bench --suites frames: build_frames on a Llama-7B-shaped model (224 matrices, head 256)
+#   tests        pytest -n CORES -m gpu tests/ (all but the extension's files): compiled kernels vs float64
+#   speed        bf16, 8192 tokens, 4096x4096, r=16: nn.Linear, PEFT LoRA, TailLoRLinear eager and every Triton
+#                route, timed with CUDA events (fwd+bwd together, many steps per round); outputs checked vs eager
+#   ext_wait     waits for ext_build; it counts as built only if `taillor info` then says cuda_extension=built
+#   ext_tests    pytest -n CORES -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py
+#   frames       taillor bench --suites frames: build_frames on a Llama-7B-shaped model (224 matrices, head 256),
+#                rows written as they are measured
 #   report       OUT_DIR/RESULTS.md (also printed), ending with the verdict table of every GPU goal
 #
+# Every TAILLOR_* variable (and TRITON_INTERPRET) is cleared first: an inherited setting must not change a stage.
+# A stage that timed out, or ran fewer tests than it collected, is "not measured" in the verdict, never "met".
 # Output: exactly two files, OUT_DIR/RESULTS.md and OUT_DIR/gpu-check.tar.gz (every log, the JUnit XML of the
 # tests and the benchmark JSON), so that a remote machine can return it (at most 8 files, 2 folders deep).
-# Environment: PYTHON (default python3), GPU_CHECK_CAP_S (default 465: under 8 minutes with start-up),
-# TORCH_CUDA_ARCH_LIST (default: this GPU's), CUDA_HOME (when the nvcc on PATH is a wrapper script).
+# Environment: PYTHON (default python3), GPU_CHECK_CORES (default: nproc, 16 for the dry run), TORCH_CUDA_ARCH_LIST
+# (default: this GPU's), CUDA_HOME (when the nvcc on PATH is a wrapper script).
 set -u -o pipefail
 
 usage() {
@@ -55,31 +58,9 @@ fi
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-CAP="${GPU_CHECK_CAP_S:-465}"
-case "$CAP" in ''|*[!0-9]*) echo "gpu_check.sh: GPU_CHECK_CAP_S must be a number of seconds" >&2; exit 2 ;; esac
-
-# name | budget (s) | what. The foreground budgets must sum below the cap (checked below, and by CI's dry run);
-# ext_build runs in the background under its own limit and costs the cap nothing but ext_wait.
-PLAN="install|30|pip install --no-deps --no-build-isolation -e . (TAILLOR_NO_CUDA_EXT=1: no compile)
-info|10|taillor info --json
-tests|155|pytest -m gpu on the Triton ops' test files (compiled Triton kernels vs the float64 oracle)
-speed|110|taillor bench --device cuda --suites adapter --speed-target (bf16, T=8192, 4096x4096, r=16; linear, peft, eager, fused, split)
-ext_wait|20|wait for the background extension build (python setup.py build_ext --inplace, limit 300 s)
-ext_tests|35|pytest -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py
-frames|85|taillor bench --device cuda --suites frames (Llama-7B shapes: 224 matrices, head 256)
-report|10|write RESULTS.md and gpu-check.tar.gz"
-EXT_BUILD_LIMIT=300
-SUM=0
-while IFS='|' read -r _ budget _; do SUM=$((SUM + budget)); done <<< "$PLAN"
-
-echo "gpu_check.sh: repo $REPO, output $OUT, python $PY"
-echo "plan (stage | budget s | command), in order; the extension build runs in the background from the install on:"
-echo "$PLAN" | sed 's/^/  /'
-echo "budgets sum to ${SUM}s; cap ${CAP}s"
-if [ "$SUM" -ge "$CAP" ]; then
-    echo "gpu_check.sh: the stage budgets (${SUM}s) do not fit under the cap (${CAP}s)" >&2
-    exit 2
-fi
+CLEARED=""
+for var in $(compgen -e | grep -E '^(TAILLOR_|TRITON_INTERPRET$)'); do unset "$var"; CLEARED="$CLEARED $var"; done
+[ -n "$CLEARED" ] && echo "gpu_check.sh: cleared inherited settings:$CLEARED"
 if ! command -v "$PY" >/dev/null 2>&1; then
     echo "gpu_check.sh: $PY not found" >&2
     exit 2
@@ -88,14 +69,21 @@ if ! bash -n "$0"; then
     echo "gpu_check.sh: syntax error in $0" >&2
     exit 2
 fi
-if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-    echo "gpu_check.sh: no CUDA GPU visible to torch: skipping the GPU stages (CPU-only machine); nothing to do."
-    exit 0
-fi
+PLAN="$(cd "$REPO" && "$PY" benchmarks/gpu_check_plan.py --limits)" || { echo "gpu_check.sh: no plan" >&2; exit 2; }
+CAP="$(echo "$PLAN" | awk -F'|' '$1 == "cap" {print $2}')"
+EXT_BUILD_LIMIT=300
+
 if [ "$DRY_RUN" = 1 ]; then
-    echo "gpu_check.sh: --dry-run: a CUDA GPU is visible; the stages above would run. Nothing was run."
+    echo "gpu_check.sh: --dry-run: repo $REPO, output $OUT, python $PY; nothing is run on a GPU"
+    (cd "$REPO" && "$PY" benchmarks/gpu_check_plan.py --estimate "${GPU_CHECK_CORES:-16}")
+    exit $?
+fi
+if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    echo "gpu_check.sh: no CUDA GPU visible to torch: nothing to measure (CPU-only machine)."
     exit 0
 fi
+CORES="${GPU_CHECK_CORES:-$(nproc)}"
+echo "gpu_check.sh: repo $REPO, output $OUT, python $PY, $CORES cores, cap ${CAP}s"
 
 START="$(date +%s)"
 DEADLINE=$((START + CAP))
@@ -105,19 +93,25 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
 STAGES="$WORK/stages.tsv"
 : > "$STAGES"
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-unset TRITON_INTERPRET TAILLOR_BENCH_FAST TAILLOR_BENCH_FULL TAILLOR_BACKEND TAILLOR_ADAPTER_IMPL
+# A cold Triton cache of this run's own, outside WORK (it does not go into the tarball).
+TRITON_CACHE_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-triton.XXXXXX")"
+export TRITON_CACHE_DIR
+XDIST=""
+if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n $CORES"; else
+    echo "gpu_check.sh: pytest-xdist is missing: the tests run one after another (the plan assumes $CORES workers)"
+fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)"
     export TORCH_CUDA_ARCH_LIST
 fi
 
-budget_of() {  # the plan's budget of stage $1 (one source for the plan, the dry run and the run)
+limit_of() {  # the plan's limit of stage $1 (benchmarks/gpu_check_plan.py: one source for the run and the dry run)
     echo "$PLAN" | awk -F'|' -v stage="$1" '$1 == stage {print $2}'
 }
 
 # run_stage NAME CMD...: runs CMD in the repo under timeout, logs to WORK/NAME.log, records the outcome.
 run_stage() {
-    local name="$1" budget; budget="$(budget_of "$1")"; shift
+    local name="$1" budget; budget="$(limit_of "$1")"; shift
     local left=$((DEADLINE - $(date +%s)))
     local limit=$(( budget < left ? budget : left ))
     if [ "$limit" -lt 5 ]; then
@@ -139,24 +133,29 @@ run_stage() {
 }
 
 run_stage install env TAILLOR_NO_CUDA_EXT=1 "$PY" -m pip install --no-deps --no-build-isolation --no-input -e .
-(cd "$REPO" && exec nice -n 10 env MAX_JOBS=4 timeout "$EXT_BUILD_LIMIT" "$PY" setup.py -q build_ext --inplace) \
-    > "$WORK/ext_build.log" 2>&1 &
+(cd "$REPO" && exec nice -n 10 env MAX_JOBS=4 TAILLOR_REQUIRE_CUDA_EXT=1 timeout "$EXT_BUILD_LIMIT" "$PY" setup.py \
+    -q build_ext --inplace) > "$WORK/ext_build.log" 2>&1 &
 EXT_PID=$!
 EXT_T0="$(date +%s)"
 run_stage info "$PY" -m taillor.cli info --json
-run_stage tests "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_tail_adapter.py \
-    tests/test_spectral_projection.py tests/test_spectral_penalty.py tests/test_kernel_launch.py \
-    --junitxml="$WORK/tests.xml"
+# shellcheck disable=SC2086  # XDIST is "-n CORES" or empty
+run_stage tests "$PY" -m pytest $XDIST -m gpu -p no:cacheprovider -rfEs tests \
+    --ignore=tests/test_cuda_extension.py --ignore=tests/test_randomized_svd.py --junitxml="$WORK/tests.xml"
+ROUTES="$(cd "$REPO" && "$PY" -c "from taillor.bench.methods import ROUTE_METHODS; print(','.join(ROUTE_METHODS))")"
 run_stage speed "$PY" -m taillor.cli bench --device cuda --suites adapter --speed-target --no-progress \
-    --methods linear,peft,taillor-eager,taillor-fused,taillor-split --out "$WORK/speed.json"
+    --methods "linear,peft,taillor-eager,$ROUTES" --out "$WORK/speed.json"
 run_stage ext_wait bash -c "while kill -0 $EXT_PID 2>/dev/null; do sleep 1; done"
 kill "$EXT_PID" 2>/dev/null  # still building after its wait: stop it (reported as failed), leave nothing running
 wait "$EXT_PID" 2>/dev/null
 EXT_RC=$?
-printf 'ext_build\t%s\t%s\n' "$([ "$EXT_RC" = 0 ] && echo ok || echo "failed (exit $EXT_RC)")" \
-    "$(( $(date +%s) - EXT_T0 ))" >> "$STAGES"
-if [ "$EXT_RC" = 0 ] && (cd /tmp && "$PY" -c "import taillor._C" >/dev/null 2>&1); then
-    run_stage ext_tests env TAILLOR_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+(cd "$REPO" && timeout 60 "$PY" -m taillor.cli info --json) > "$WORK/ext_info.log" 2>&1
+if [ "$EXT_RC" != 0 ]; then EXT_STATUS="failed (exit $EXT_RC)"
+elif ! grep -q '"cuda_extension": "built"' "$WORK/ext_info.log"; then EXT_STATUS="failed (built, but taillor info does not load it)"
+else EXT_STATUS="ok"; fi
+printf 'ext_build\t%s\t%s\n' "$EXT_STATUS" "$(( $(date +%s) - EXT_T0 ))" >> "$STAGES"
+if [ "$EXT_STATUS" = ok ]; then
+    # shellcheck disable=SC2086
+    run_stage ext_tests env TAILLOR_REQUIRE_CUDA_EXT=1 "$PY" -m pytest $XDIST -m gpu -p no:cacheprovider -rfEs \
         tests/test_cuda_extension.py tests/test_randomized_svd.py --junitxml="$WORK/ext_tests.xml"
 else
     printf 'ext_tests\tskipped (extension not built, see ext_build.log)\t0\n' >> "$STAGES"
@@ -168,7 +167,7 @@ GPU_INFO="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 (cd "$REPO" && timeout 10 "$PY" benchmarks/gpu_check_report.py "$WORK" "$OUT/RESULTS.md" "$GPU_INFO" "$START" \
     "$CAP") > "$WORK/report.log" 2>&1 || echo "gpu_check.sh: report failed, see report.log in the tarball"
 tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" .
-rm -rf "$WORK"
+rm -rf "$WORK" "$TRITON_CACHE_DIR"
 echo "gpu_check.sh: done in $(( $(date +%s) - START ))s; $OUT/RESULTS.md and $OUT/gpu-check.tar.gz"
 echo
 cat "$OUT/RESULTS.md" 2>/dev/null

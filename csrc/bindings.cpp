@@ -24,7 +24,10 @@ std::string dtype_name(at::ScalarType t) {
 }
 
 // Checks that need no device work come first, so they behave the same for CPU and CUDA tensors.
-void check_arguments(const at::Tensor& A, int64_t k, int64_t niter, int64_t oversample) {
+void check_arguments(const at::Tensor& A, int64_t k, int64_t niter, int64_t oversample,
+                     const std::string& precision) {
+  TORCH_CHECK_VALUE(precision == "fp32" || precision == "tf32",
+              "randomized_svd: precision must be \"fp32\" or \"tf32\", got \"", precision, "\"");
   TORCH_CHECK_VALUE(A.defined(), "randomized_svd: A is an undefined tensor");
   TORCH_CHECK_VALUE(A.dim() == 3, "randomized_svd: A must have 3 dims (b, m, n), got ", A.dim(),
               " dims with shape ", A.sizes());
@@ -49,12 +52,14 @@ void check_arguments(const at::Tensor& A, int64_t k, int64_t niter, int64_t over
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd(const at::Tensor& A, int64_t k, int64_t niter,
-                                                              int64_t oversample, int64_t seed) {
-  check_arguments(A, k, niter, oversample);
-  return randomized_svd_cuda(A, k, niter, oversample, seed);  // checks NaN/Inf on the device (see the .cu)
+                                                              int64_t oversample, int64_t seed,
+                                                              const std::string& precision) {
+  check_arguments(A, k, niter, oversample, precision);
+  // checks NaN/Inf on the device (see the .cu)
+  return randomized_svd_cuda(A, k, niter, oversample, seed, precision == "tf32");
 }
 
-constexpr const char* kRandomizedSvdDoc = R"doc(randomized_svd(A, k, niter, oversample, seed) -> (U, S, V)
+constexpr const char* kRandomizedSvdDoc = R"doc(randomized_svd(A, k, niter, oversample, seed, precision="fp32") -> (U, S, V)
 
 Batched randomized SVD (Halko, Martinsson & Tropp 2011) on a CUDA device.
 
@@ -66,14 +71,17 @@ Args:
     oversample: extra sketch columns (>= 0); the sketch has l = min(k + oversample, min(m, n)) columns.
     seed: seed of the Philox generator of the Gaussian sketch; the result is deterministic for a given
         seed, shape and device.
+    precision: "fp32" (default: every product with A in float32, no TF32 whatever torch's global setting) or
+        "tf32" (the sketch and the power iterations on TF32 tensor cores; the final projection A^T Q that sets
+        the singular values and vectors stays float32).
 
 Returns:
     U (b, m, k), S (b, k) in descending order, V (b, n, k), all float32, with
     A[i] ~= U[i] @ diag(S[i]) @ V[i].T. U and V have orthonormal columns, also where S is zero.
 
 Raises:
-    RuntimeError naming the offending value for a bad device, dtype, shape, k, niter or oversample, or
-    when A contains NaN or Inf.
+    RuntimeError naming the offending value for a bad device, dtype, shape, k, niter or oversample,
+    an unknown precision, or when A contains NaN or Inf.
 )doc";
 
 }  // namespace
@@ -83,5 +91,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "taillor._C: optional CUDA extension of taillor (batched randomized SVD with cuBLAS/cuSOLVER).";
   m.def("randomized_svd", &taillor::randomized_svd, taillor::kRandomizedSvdDoc, pybind11::arg("A"),
         pybind11::arg("k"), pybind11::arg("niter"), pybind11::arg("oversample"), pybind11::arg("seed"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("precision") = "fp32", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

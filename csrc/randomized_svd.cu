@@ -16,6 +16,9 @@
 // Numerics.
 // * A is converted to float32 once (half inputs included) and every product with A is a float32 cuBLAS
 //   strided-batched GEMM with CUBLAS_COMPUTE_32F_PEDANTIC, so a global TF32 setting cannot degrade it.
+//   precision "tf32" (opt-in) runs the range finder's products (A Omega and every power iteration) with
+//   CUBLAS_COMPUTE_32F_FAST_TF32 on tensor cores; they only shape the subspace Q, which CholeskyQR2 keeps
+//   orthonormal in float64. The Rayleigh-Ritz product Bt = A^T Q that sets sigma, U and V stays in float32.
 // * orth() is CholeskyQR2: G = X^T X, R = chol(G) (upper), X <- X R^{-1}, done twice. It is a few GEMMs
 //   and a batched l x l Cholesky instead of a sequential Householder sweep over m rows, so it is fast for
 //   tall-skinny batches. One CholeskyQR pass loses orthogonality like u * cond(X)^2 (u: unit roundoff of
@@ -149,9 +152,10 @@ void fill_gaussian(at::Tensor& out, int64_t seed) {
 //   first operand  = storage of B, op = trans_b ? T : N, ld = columns of B's storage (N, or K if trans_b)
 //   second operand = storage of A, op = trans_a ? T : N, ld = columns of A's storage (K, or M if trans_a)
 // Check for !trans_a, !trans_b: col-major B^T (N x K) times A^T (K x M) = (A B)^T (N x M). Correct.
-// float32 uses CUBLAS_COMPUTE_32F_PEDANTIC (no TF32), float64 CUBLAS_COMPUTE_64F_PEDANTIC.
+// float32 uses CUBLAS_COMPUTE_32F_PEDANTIC (no TF32) unless tf32 asks for CUBLAS_COMPUTE_32F_FAST_TF32;
+// float64 uses CUBLAS_COMPUTE_64F_PEDANTIC.
 // ---------------------------------------------------------------------------------------------------
-at::Tensor bgemm(const at::Tensor& A_in, bool trans_a, const at::Tensor& B_in, bool trans_b) {
+at::Tensor bgemm(const at::Tensor& A_in, bool trans_a, const at::Tensor& B_in, bool trans_b, bool tf32 = false) {
   const at::Tensor A = A_in.contiguous();
   const at::Tensor B = B_in.contiguous();
   TORCH_INTERNAL_ASSERT(A.dim() == 3 && B.dim() == 3 && A.size(0) == B.size(0));
@@ -169,7 +173,8 @@ at::Tensor bgemm(const at::Tensor& A_in, bool trans_a, const at::Tensor& B_in, b
   const bool f64 = A.scalar_type() == at::kDouble;
   TORCH_INTERNAL_ASSERT(f64 || A.scalar_type() == at::kFloat);
   const cudaDataType dtype = f64 ? CUDA_R_64F : CUDA_R_32F;
-  const cublasComputeType_t compute = f64 ? CUBLAS_COMPUTE_64F_PEDANTIC : CUBLAS_COMPUTE_32F_PEDANTIC;
+  const cublasComputeType_t compute =
+      f64 ? CUBLAS_COMPUTE_64F_PEDANTIC : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F_PEDANTIC);
   const double alpha64 = 1.0, beta64 = 0.0;
   const float alpha32 = 1.0f, beta32 = 0.0f;
   const void* alpha = f64 ? static_cast<const void*>(&alpha64) : static_cast<const void*>(&alpha32);
@@ -282,14 +287,15 @@ struct Orthonormalizer {
 
 // Range finder with subspace iteration: an orthonormal basis Q (b, m, l) of the dominant range of A (b, m, n)
 // from the sketch omega (b, n, l). Sets `nonfinite` (b,) bool on the device: A Omega has a NaN or Inf.
+// tf32: the products with A run on TF32 tensor cores (see the header).
 at::Tensor range_finder(const at::Tensor& A, const at::Tensor& omega, int64_t niter, Orthonormalizer& orth,
-                        at::Tensor* nonfinite) {
-  const at::Tensor Y = bgemm(A, false, omega, false);  // (b, m, l)
+                        at::Tensor* nonfinite, bool tf32) {
+  const at::Tensor Y = bgemm(A, false, omega, false, tf32);  // (b, m, l)
   if (nonfinite != nullptr) *nonfinite = at::isfinite(Y).logical_not().flatten(1).any(1);
   at::Tensor Q = orth(Y);
   for (int64_t it = 0; it < niter; ++it) {
-    const at::Tensor Z = orth(bgemm(A, true, Q, false));  // A^T Q: (b, n, l)
-    Q = orth(bgemm(A, false, Z, false));                  // A Z:   (b, m, l)
+    const at::Tensor Z = orth(bgemm(A, true, Q, false, tf32));  // A^T Q: (b, n, l)
+    Q = orth(bgemm(A, false, Z, false, tf32));                  // A Z:   (b, m, l)
   }
   return Q;
 }
@@ -304,7 +310,7 @@ at::Tensor gaussian_sketch(int64_t batch, int64_t n, int64_t l, int64_t seed, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Tensor& A_in, int64_t k,
                                                                    int64_t niter, int64_t oversample,
-                                                                   int64_t seed) {
+                                                                   int64_t seed, bool tf32) {
   const c10::cuda::CUDAGuard device_guard(A_in.device());
   const int64_t batch = A_in.size(0), m = A_in.size(1), n = A_in.size(2);
   const int64_t mn = std::min(m, n);
@@ -319,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   // Range finder with subspace iteration (CholeskyQR2, flags kept on the device).
   Orthonormalizer orth{solver, /*robust=*/false, at::zeros({batch}, A.options().dtype(at::kBool))};
   at::Tensor nonfinite;
-  at::Tensor Q = range_finder(A, gaussian_sketch(batch, n, l, seed, f32), niter, orth, &nonfinite);
+  at::Tensor Q = range_finder(A, gaussian_sketch(batch, n, l, seed, f32), niter, orth, &nonfinite, tf32);
 
   // The one host synchronisation of the range finder: NaN/Inf and the matrices CholeskyQR2 could not handle.
   const at::Tensor status = at::stack({nonfinite.any(), orth.flags.any()}).cpu();
@@ -330,10 +336,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
     const at::Tensor idx = orth.flags.nonzero().view({-1});
     Orthonormalizer robust{solver, /*robust=*/true, at::Tensor()};
     const at::Tensor omega = gaussian_sketch(batch, n, l, seed, f32).index_select(0, idx);
-    Q.index_copy_(0, idx, range_finder(A.index_select(0, idx), omega, niter, robust, nullptr));
+    Q.index_copy_(0, idx, range_finder(A.index_select(0, idx), omega, niter, robust, nullptr, tf32));
   }
 
-  // Small SVD of B = Q^T A through the eigenproblem of B B^T (float64).
+  // Small SVD of B = Q^T A through the eigenproblem of B B^T (float64). Bt is float32 whatever the precision:
+  // it sets sigma, U and V, so the subspace error of a TF32 range finder does not also become a sigma error.
   const at::Tensor Bt = bgemm(A, true, Q, false);  // A^T Q = B^T: (b, n, l)
   const at::Tensor Bt64 = Bt.to(at::kDouble);
   const at::Tensor G = bgemm(Bt64, true, Bt64, false);  // B B^T: (b, l, l)

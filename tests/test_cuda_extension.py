@@ -225,3 +225,54 @@ def test_rejects_non_finite_input(C):
     A[0, 3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         C.randomized_svd(A, 4, 2, 4, 0)
+
+
+# ----------------------------------------------------------------------------------------------- TF32 range finder
+
+
+def test_rejects_an_unknown_precision(C):
+    with pytest.raises(ValueError, match='precision must be "fp32" or "tf32", got "bf16"'):
+        C.randomized_svd(torch.randn(1, 4, 5), 2, 1, 1, 0, "bf16")
+
+
+@pytest.mark.parametrize("value, expected", [("", "fp32"), ("fp32", "fp32"), ("tf32", "tf32"), (" TF32 ", "tf32"),
+                                             ("fp16", None)])
+def test_svd_precision_setting(monkeypatch, value, expected):
+    from taillor.backends.cuda_ext import svd_precision
+    monkeypatch.setenv("TAILLOR_SVD_PRECISION", value)
+    if expected is None:
+        with pytest.raises(ValueError, match="TAILLOR_SVD_PRECISION must be fp32 or tf32, got 'fp16'"):
+            svd_precision()
+    else:
+        assert svd_precision() == expected
+
+
+@pytest.mark.parametrize("shape", [(3, 512, 384), (2, 384, 1100)], ids=["tall", "wide"])
+@gpu_test
+def test_tf32_range_finder_error_against_fp32_and_the_float64_oracle(C, shape, record_property):
+    """The TF32 range finder (sketch and power iterations on tensor cores) keeps the frame contract; its error and
+    the fp32 path's, both against float64, go into the JUnit XML (benchmarks/gpu_check.sh reports them)."""
+    k = 16
+    A = _matrix(*shape, lambda i: (1 + i) ** -0.5, torch.float32)  # the frames benchmark's slow decay
+    U0, S0, V0h = torch.linalg.svd(A.double(), full_matrices=False)
+    errors = {}
+    for precision in ("fp32", "tf32"):
+        U, S, V = C.randomized_svd(A, k, 2, 8, 0, precision)
+        _check_factors(A, U, S, V, k)
+        errors[precision] = (_rel_err(S, A, k), _largest_angle(V, V0h.mT[:, :, :k]))
+        record_property(f"{precision}_sigma_rel_error", f"{errors[precision][0]:.3e}")
+        record_property(f"{precision}_max_angle_rad", f"{errors[precision][1]:.3e}")
+    for precision, (sigma_err, angle) in errors.items():
+        assert sigma_err <= TOLERANCE["sigma"], (precision, errors)
+        assert angle < TOLERANCE["angle"], (precision, errors)
+
+
+@gpu_test
+def test_tf32_setting_reaches_the_extension(C, monkeypatch):
+    """TAILLOR_SVD_PRECISION=tf32 through taillor.randomized_svd: the same contract against float64."""
+    import taillor
+    A = _matrix(1, 256, 192, _decaying, torch.float32)[0]
+    monkeypatch.setenv("TAILLOR_SVD_PRECISION", "tf32")
+    U, S, V = taillor.randomized_svd(A, 16)
+    _check_factors(A[None], U[None], S[None], V[None], 16)
+    assert _rel_err(S[None], A[None], 16) <= TOLERANCE["sigma"]

@@ -19,7 +19,7 @@ import torch
 
 from .measurement import measure_adapter, measure_frames, measure_penalty, measure_svd
 from .memory import MEMORY_BASES, MEMORY_METHODS, MEMORY_SHAPES, measure_memory, memory_choice, memory_shapes
-from .methods import METHODS
+from .methods import METHODS, ROUTE_METHODS
 from .shapes import (CPU_SPEED_TARGET, GPU_SPEED_TARGET, adapter_shapes, fast_mode, frames_models, penalty_cases,
                      rounds_for, svd_cases)
 from .tables import format_checks, format_markdown, format_text, machine_info, target_checks
@@ -114,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     plan: list[tuple[str, object, int]] = []  # (suite, case, progress units)
     if "adapter" in suites:
-        n_methods = len([m for m in methods if m not in ("taillor-fused", "taillor-split") or device.type == "cuda"])
+        n_methods = len([m for m in methods if m not in ROUTE_METHODS or device.type == "cuda"])
         shapes = adapter_shapes(device.type, args.quick)
         if args.speed_target and not fast_mode():
             shapes = [GPU_SPEED_TARGET if device.type == "cuda" else CPU_SPEED_TARGET]
@@ -150,8 +150,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         except OSError:
             pass
         checks = target_checks(rows)
-        with open(json_path, "w") as f:
+        with open(json_path + ".tmp", "w") as f:  # atomic: a run stopped mid-write keeps the previous file
             json.dump({"meta": meta, "rows": rows, "targets": checks}, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)
         with open(md_path, "w") as f:
             f.write(format_markdown(rows))
             if checks:
@@ -169,8 +170,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows += measure_penalty(case, device, 1 if warmup else 0, rounds, tick)
         elif suite == "memory":
             rows += measure_memory(case, memory_bases, memory_methods, tick=tick)
-        else:
-            rows += measure_frames(case, device, 1, tick)
+        else:  # each row written as soon as it is measured: a frames run cut short keeps its rows
+            measure_frames(case, device, 1, tick, emit=lambda row: (rows.append(row), write(complete=False)))
         write(complete=False)
         done += units
         bar.n = done

@@ -1,5 +1,6 @@
 """What the adapter suite compares: the frozen nn.Linear (the floor), PEFT LoRA (the peer), TailLoRLinear on each
-backend (eager, Triton fused and split routes, torch.compile) and the naive x·V frame adapter, with the check of
+backend (eager, every Triton route of ``taillor.backends.ADAPTER_ROUTES``, torch.compile) and the naive x·V frame
+adapter, with the check of
 every TailLoR output against eager TailLoRLinear's ("vs eager"; FAILED marks a mismatch), so that a fast number
 never hides a wrong result.
 """
@@ -21,13 +22,14 @@ from .metrics import backend, saved_bytes, sync
 from .shapes import AdapterShape
 
 
-METHODS = ("linear", "peft", "taillor-eager", "taillor-fused", "taillor-split", "taillor-compile", "naive-xv")
+# One method per Triton route the registry knows, so that a new route is timed without a change here.
+ROUTE_METHODS = tuple(f"taillor-{route}" for route in backends.ADAPTER_ROUTES)
+METHODS = ("linear", "peft", "taillor-eager", *ROUTE_METHODS, "taillor-compile", "naive-xv")
 METHOD_LABELS = {
     "linear": "nn.Linear (frozen)",
     "peft": "PEFT LoRA",
     "taillor-eager": "TailLoRLinear eager",
-    "taillor-fused": "TailLoRLinear Triton fused",
-    "taillor-split": "TailLoRLinear Triton split",
+    **{m: f"TailLoRLinear Triton {m[len('taillor-'):]}" for m in ROUTE_METHODS},
     "taillor-compile": "TailLoRLinear compile",
     "naive-xv": "naive x·V frame",
 }
@@ -88,6 +90,18 @@ class AdapterMethod:
         f, y = self.forward(x, device)
         return f, self.backward(y, dy, device)
 
+    def train_steps(self, x: Tensor, dy: Tensor, steps: int) -> None:
+        """``steps`` training steps (gradients cleared as zero_grad(set_to_none=True) does, forward, backward) in
+        one backend scope and without any synchronisation: the way a training loop queues CUDA work, so that a
+        CUDA timer sees the device time and the Python cost of issuing a step is measured apart from it."""
+        params = self.params
+        with backend(self.backend):
+            for _ in range(steps):
+                x.grad = None
+                for p in params:
+                    p.grad = None
+                self.module(x).backward(dy)
+
     def outputs(self, x: Tensor, dy: Tensor, device: torch.device) -> dict[str, Tensor]:
         """One fwd+bwd: {"y", "dx", "dA", "dB"} (the adapter's two parameters, in order), detached copies."""
         _, y = self.forward(x, device)
@@ -119,7 +133,7 @@ class AdapterMethod:
 # suite's oracle tolerance (tests/conftest.py TOLERANCE["oracle"], normalized max error) of the float64 result, so they may
 # differ by twice that; tests/test_benchmarks_smoke.py keeps this table equal to 2 x the suite's.
 MATCH_TOLERANCE = {torch.float32: 4e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
-CHECKED_METHODS = ("taillor-fused", "taillor-split", "taillor-compile", "naive-xv")
+CHECKED_METHODS = (*ROUTE_METHODS, "taillor-compile", "naive-xv")
 
 
 def output_check(outputs: dict[str, Tensor], reference: dict[str, Tensor], dtype: torch.dtype) -> str:
@@ -210,11 +224,12 @@ def build_adapter_methods(shape: AdapterShape, device: torch.device, methods: It
             out[key] = AdapterMethod(key, peft_layer, params, list(peft_layer.parameters()))
         elif key == "taillor-eager":
             out[key] = AdapterMethod(key, layer, layer_params, layer_exclude, backend="eager")
-        elif key in ("taillor-fused", "taillor-split"):
+        elif key in ROUTE_METHODS:
             if not triton_available(device):
                 skipped[key] = "needs CUDA and Triton" if device.type != "cuda" else "Triton kernels unavailable"
                 continue
-            out[key] = AdapterMethod(key, layer, layer_params, layer_exclude, backend="triton:" + key[8:])
+            out[key] = AdapterMethod(key, layer, layer_params, layer_exclude,
+                                     backend="triton:" + key[len("taillor-"):])
         elif key == "taillor-compile":
             # A fresh compilation per shape: dynamo's recompile limit would otherwise silently fall back to
             # eager after a few shapes (its cache is keyed on TailLoRLinear.forward, shared by all instances).
@@ -232,7 +247,7 @@ def check_outputs(cases: dict, keys: list, x: Tensor, dy: Tensor, device: torch.
                    dtype: torch.dtype) -> dict[str, str]:
     """{method: output_check(...)} for the TailLoR methods, against the eager TailLoRLinear on the same inputs."""
     checked = [k for k in keys if k in CHECKED_METHODS]
-    source = next((cases[k] for k in ("taillor-eager", "taillor-fused", "taillor-split") if k in cases), None)
+    source = next((cases[k] for k in ("taillor-eager", *ROUTE_METHODS) if k in cases), None)
     if not checked or source is None:
         return {}
     reference = dataclasses_replace(source, backend="eager").outputs(x, dy, device)

@@ -153,8 +153,14 @@ class FramesBench:
         return {name: (f.U, f.S, f.V) for name, f in frames.items()}
 
     def lowrank(self) -> dict:
+        return self._lowrank(self.weights)
+
+    def lowrank_layer0(self) -> dict:
+        return self._lowrank(self.layer0)
+
+    def _lowrank(self, weights: dict) -> dict:
         h, out = self.model.head, {}
-        for name, W in self.weights.items():
+        for name, W in weights.items():
             U, S, V = torch.svd_lowrank(W, q=min(h + self.oversample, *W.shape), niter=self.niter)
             out[name] = (U[:, :h], S[:h], V[:, :h])
         return out
