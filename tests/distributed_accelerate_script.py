@@ -32,6 +32,7 @@ def main(out_dir: str) -> None:
         model = make_model(frame)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         forward, optimizer = accelerator.prepare(model, optimizer)
+        model = accelerator.unwrap_model(forward)
         results = {}
         for task in range(TASKS):
             loader = accelerator.prepare(DataLoader(TensorDataset(x, targets[task]), batch_size=BATCH))
@@ -44,12 +45,12 @@ def main(out_dir: str) -> None:
             with torch.no_grad():
                 results[f"output.task{task}"] = forward(x).detach().clone()
             if task < TASKS - 1:
-                taillor.consolidate(accelerator.unwrap_model(forward))
-        results.update({f"factor.{name}": t for name, t in factors(accelerator.unwrap_model(forward)).items()})
+                taillor.consolidate(model)
+        results.update({f"factor.{name}": t for name, t in factors(model).items()})
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_file({k: v.contiguous() for k, v in results.items()}, os.path.join(out_dir, f"{frame}.safetensors"))
-            taillor.save_adapter(accelerator.unwrap_model(forward), os.path.join(out_dir, f"{frame}-adapter"))
+            taillor.save_adapter(model, os.path.join(out_dir, f"{frame}-adapter"))
         accelerator.wait_for_everyone()
     accelerator.end_training()
 

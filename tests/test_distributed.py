@@ -117,11 +117,18 @@ def _frames_scenario(rank: int, out: str) -> None:
     save_file(state, os.path.join(out, f"frames-rank{rank}.safetensors"))
 
 
-def _shard(model: nn.Module) -> nn.Module:
+# FSDP2 layouts: each TailLoR layer its own group plus the root, or the root alone (then A and B stay unsharded
+# after a forward without backward, until taillor reshards them).
+LAYOUTS = {"per-layer": True, "root": False}
+FSDP_CASES = [("full", "per-layer"), ("head", "per-layer"), ("full", "root")]
+
+
+def _shard(model: nn.Module, layout: str) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
-    for layer in model:
-        if isinstance(layer, taillor.TailLoRLinear):
-            fully_shard(layer)
+    if LAYOUTS[layout]:
+        for layer in model:
+            if isinstance(layer, taillor.TailLoRLinear):
+                fully_shard(layer)
     fully_shard(model)
     return model
 
@@ -135,18 +142,19 @@ def _ddp_scenario(rank: int, world: int, out: str, frame: str) -> None:
         taillor.save_adapter(model, os.path.join(out, f"ddp-{frame}-adapter"))
 
 
-def _fsdp_scenario(rank: int, world: int, out: str, frame: str) -> None:
+def _fsdp_scenario(rank: int, world: int, out: str, frame: str, layout: str) -> None:
     """Train and consolidate sharded, then every whole-model operation on the sharded model, with no gather by hand:
     save_adapter and export_lora (every rank calls, rank 0 writes), layer.merge/unmerge, the refusal of
     merge_and_unload, and load_adapter onto a freshly sharded model."""
-    model = _shard(make_model(frame))
+    model = _shard(make_model(frame), layout)
+    tag = f"fsdp-{layout}-{frame}"
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     results = train_tasks(model, model, rows)
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         before = model(x)
-    taillor.save_adapter(model, os.path.join(out, f"fsdp-{frame}-adapter"))
-    taillor.export_lora(model, os.path.join(out, f"fsdp-{frame}-lora"))
+    taillor.save_adapter(model, os.path.join(out, f"{tag}-adapter"))
+    taillor.export_lora(model, os.path.join(out, f"{tag}-lora"))
     try:
         taillor.merge_and_unload(model)
         raise AssertionError("merge_and_unload accepted a sharded model")
@@ -162,20 +170,21 @@ def _fsdp_scenario(rank: int, world: int, out: str, frame: str) -> None:
             if isinstance(layer, taillor.TailLoRLinear):
                 layer.unmerge()
         results["output.unmerged"] = model(x)
-        fresh = _shard(make_model(frame))
-        taillor.load_adapter(fresh, os.path.join(out, f"fsdp-{frame}-adapter"))
+        fresh = _shard(make_model(frame), layout)
+        taillor.load_adapter(fresh, os.path.join(out, f"{tag}-adapter"))
         results["output.reloaded"] = fresh(x)
     results["output.before"] = before
     results.update({f"reloaded.{name}": t for name, t in factors(fresh).items()})
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in results.items()}, os.path.join(out, f"fsdp-{frame}.safetensors"))
+        save_file({k: v.contiguous() for k, v in results.items()}, os.path.join(out, f"{tag}.safetensors"))
 
 
 def _all_scenarios(rank: int, world: int, out: str) -> None:
     _frames_scenario(rank, out)
     for frame in FRAMES:
         _ddp_scenario(rank, world, out, frame)
-        _fsdp_scenario(rank, world, out, frame)
+    for frame, layout in FSDP_CASES:
+        _fsdp_scenario(rank, world, out, frame, layout)
 
 
 @pytest.fixture(scope="module")
@@ -244,23 +253,23 @@ def test_ddp_two_processes_train_like_one_process(group_out, frame, tmp_path):
     assert_same_adapter(os.path.join(group_out, f"ddp-{frame}-adapter"), str(tmp_path / "adapter"), "adapter")
 
 
-@pytest.mark.parametrize("frame", FRAMES)
-def test_fsdp2_trains_consolidates_and_saves_like_one_process(group_out, frame, tmp_path):
+@pytest.mark.parametrize("frame, layout", FSDP_CASES)
+def test_fsdp2_trains_consolidates_and_saves_like_one_process(group_out, frame, layout, tmp_path):
     expected = reference(frame, tmp_path)
-    got = load_file(os.path.join(group_out, f"fsdp-{frame}.safetensors"))
-    assert_same_training(got, expected, f"FSDP2, {frame} frame")
+    tag = os.path.join(group_out, f"fsdp-{layout}-{frame}")
+    assert_same_training(load_file(tag + ".safetensors"), expected, f"FSDP2 {layout}, {frame} frame")
     # save_adapter and export_lora on the sharded model write what one process writes.
-    assert_same_adapter(os.path.join(group_out, f"fsdp-{frame}-adapter"), str(tmp_path / "adapter"), "adapter")
-    assert_same_adapter(os.path.join(group_out, f"fsdp-{frame}-lora"), str(tmp_path / "lora"), "exported LoRA")
+    assert_same_adapter(tag + "-adapter", str(tmp_path / "adapter"), "adapter")
+    assert_same_adapter(tag + "-lora", str(tmp_path / "lora"), "exported LoRA")
     # No stray temporary files next to what rank 0 wrote.
     for folder in ("adapter", "lora"):
-        listing = sorted(os.listdir(os.path.join(group_out, f"fsdp-{frame}-{folder}")))
+        listing = sorted(os.listdir(f"{tag}-{folder}"))
         assert listing == ["adapter_config.json", "adapter_model.safetensors"], listing
 
 
-@pytest.mark.parametrize("frame", FRAMES)
-def test_fsdp2_merge_and_load_on_the_sharded_model(group_out, frame):
-    got = load_file(os.path.join(group_out, f"fsdp-{frame}.safetensors"))
+@pytest.mark.parametrize("frame, layout", FSDP_CASES)
+def test_fsdp2_merge_and_load_on_the_sharded_model(group_out, frame, layout):
+    got = load_file(os.path.join(group_out, f"fsdp-{layout}-{frame}.safetensors"))
     before = got["output.before"]
     # merge_and_unload refused (TypeError, checked in the worker) and changed nothing.
     assert torch.equal(got["output.after refusal"], before)
