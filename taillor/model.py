@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ._sharded import has_sharded_parameters, is_sharded, reshard
+from ._sharded import is_sharded, reshard
 from .base import SUPPORTED, LinearBase, base_for, is_supported_base
 from .config import TailLoRConfig
 from .frame import SpectralFrame, build_frames as _build_frames, frame_bytes
@@ -268,7 +268,7 @@ def merge_and_requantize(model: nn.Module) -> dict[str, RequantizationError]:
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     """TypeError on a model sharded by FSDP2: putting the base layers back in place of the TailLoR layers changes
     the module tree whose parameters FSDP manages."""
-    if has_sharded_parameters(model):
+    if reshard(model):  # after a forward without backward, FSDP2 may hold plain unsharded copies: look at the shards
         raise TypeError(f"{what}: the model is sharded (FSDP2 DTensor parameters); replacing its TailLoR layers "
                         "would leave FSDP managing modules that are gone. Save the adapter (taillor.save_adapter "
                         "works on the sharded model), load it onto an unsharded copy of the base model and merge "

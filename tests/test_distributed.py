@@ -151,29 +151,34 @@ def _fsdp_scenario(rank: int, world: int, out: str, frame: str, layout: str) -> 
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     results = train_tasks(model, model, rows)
     x = torch.randn(3, 12, generator=torch.Generator().manual_seed(5))
+    layers = [layer for layer in model if isinstance(layer, taillor.TailLoRLinear)]
+    # Each model-level call follows a forward without backward: with the root alone, FSDP2 then still holds plain
+    # unsharded copies of A, B and W, which taillor must not mistake for the parameters.
     with torch.no_grad():
-        before = model(x)
-    taillor.save_adapter(model, os.path.join(out, f"{tag}-adapter"))
-    taillor.export_lora(model, os.path.join(out, f"{tag}-lora"))
-    try:
-        taillor.merge_and_unload(model)
-        raise AssertionError("merge_and_unload accepted a sharded model")
-    except TypeError as error:
-        assert "sharded" in str(error), error
-    with torch.no_grad():
+        results["output.before"] = model(x)
+        try:
+            taillor.merge_and_unload(model)
+            raise AssertionError("merge_and_unload accepted a sharded model")
+        except TypeError as error:
+            assert "sharded" in str(error), error
         results["output.after refusal"] = model(x)
-        for layer in model:
-            if isinstance(layer, taillor.TailLoRLinear):
-                layer.merge()
+        taillor.save_adapter(model, os.path.join(out, f"{tag}-adapter"))
+        model(x)
+        taillor.export_lora(model, os.path.join(out, f"{tag}-lora"))
+        # The layer's own merge / unmerge work sharded too; they need the parameters in their sharded state (a
+        # layer that is its own FSDP2 unit reshards itself; with the root alone, reshard the root first).
+        for layer in layers:
+            layer.merge()
         results["output.merged"] = model(x)
-        for layer in model:
-            if isinstance(layer, taillor.TailLoRLinear):
-                layer.unmerge()
+        model.reshard()
+        for layer in layers:
+            layer.unmerge()
+        model.reshard()  # what the shards hold, not an unsharded copy
         results["output.unmerged"] = model(x)
         fresh = _shard(make_model(frame), layout)
+        fresh(x)
         taillor.load_adapter(fresh, os.path.join(out, f"{tag}-adapter"))
         results["output.reloaded"] = fresh(x)
-    results["output.before"] = before
     results.update({f"reloaded.{name}": t for name, t in factors(fresh).items()})
     if rank == 0:
         save_file({k: v.contiguous() for k, v in results.items()}, os.path.join(out, f"{tag}.safetensors"))
