@@ -164,10 +164,10 @@ def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True
     quantized weight is dequantized for its frame one layer at a time. Returns ``model``.
     """
     targets = find_target_modules(model, config)
-    sharded = [name for name, module in targets.items() if any(is_sharded(p) for p in module.parameters())]
-    if sharded:
-        raise TypeError(f"apply_taillor: {sharded[0]!r} is already sharded (FSDP2 DTensor parameters); apply TailLoR "
-                        "to the unsharded model, then call fully_shard. Nothing was changed.")
+    if reshard(model):  # new layers would hold parameters that FSDP does not manage
+        first = next(name for name, p in model.named_parameters() if is_sharded(p))
+        raise TypeError(f"apply_taillor: the model is already sharded (FSDP2 DTensor parameter {first!r}); apply "
+                        "TailLoR to the unsharded model, then call fully_shard. Nothing was changed.")
     bases = {name: base_for(module, name) for name, module in targets.items()}
     for name, base in bases.items():
         d_out, d_in = base.out_features, base.in_features
