@@ -19,6 +19,7 @@ from torch import nn
 
 from ._version import __version__
 from ._files import atomic_save_json, atomic_save_safetensors
+from ._sharded import local_device, reshard, write_once
 from .config import TailLoRConfig
 from .layer import RECORD_TENSORS, TailLoRLinear, check_record
 from .model import apply_taillor, find_target_modules, iter_taillor_layers, require_taillor_layers
@@ -40,19 +41,24 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     """Write ``directory/adapter_config.json`` and ``directory/adapter_model.safetensors`` atomically.
 
     Saves the current adapters and every consolidated task, so that :func:`load_adapter` onto a fresh copy of the
-    original base model reproduces ``model``.
+    original base model reproduces ``model``. On a model sharded by FSDP2 every rank calls it: each layer is
+    gathered in turn, rank 0 writes, and every rank returns once the files exist (or raises if rank 0 failed).
     """
     layers = require_taillor_layers(model, "save_adapter")
     config = _common_config(layers)
+    sharded = reshard(model)
     tensors, meta = {}, {}
     for name, layer in layers:
         record_tensors, meta[name] = layer.export_record()
         tensors.update({f"{name}.{part}": tensor for part, tensor in record_tensors.items()})
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "taillor_version": __version__,
                 "config": config.to_dict(), "layers": meta}
-    os.makedirs(directory, exist_ok=True)
-    atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
-    atomic_save_json(document, os.path.join(directory, CONFIG_NAME))
+
+    def write() -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+        atomic_save_json(document, os.path.join(directory, CONFIG_NAME))
+    write_once(sharded, local_device(model), write)
 
 
 def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -96,7 +102,8 @@ def load_adapter(model: nn.Module, directory: str, config: Optional[TailLoRConfi
     Applies TailLoR first if the model has no TailLoR layers (``config`` overrides runtime-only options such as
     ``frame_cache_dir``; its shape-defining fields must equal the saved ones). Names, shapes, ranks and base
     weights are all checked before anything changes; a mismatch raises ValueError and leaves the model as it was.
-    Returns ``model``.
+    On a model sharded by FSDP2 (TailLoR applied before ``fully_shard``) every rank calls it and reads the files;
+    each rank sets its own shards. Returns ``model``.
     """
     document, tensors = read_adapter(directory)
     saved_config = TailLoRConfig.from_dict(document["config"])
@@ -104,6 +111,7 @@ def load_adapter(model: nn.Module, directory: str, config: Optional[TailLoRConfi
         raise ValueError(f"the given config differs from the saved one: {config.to_dict()} != {saved_config.to_dict()}")
     config = config or saved_config
     existing = dict(iter_taillor_layers(model))
+    reshard(model)
     if existing:
         for name, layer in existing.items():
             if layer.tasks_consolidated or layer.merged or layer.config.to_dict() != config.to_dict():
@@ -123,14 +131,15 @@ def load_adapter(model: nn.Module, directory: str, config: Optional[TailLoRConfi
 def export_lora(model: nn.Module, directory: str) -> None:
     """Write a standard PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(original_base, directory)``
     loads with the same outputs: per layer lora_B = [consolidated_up, s·Q] and lora_A = [consolidated_down; Pᵀ]
-    (rank r·(tasks+1)), lora_alpha = rank so PEFT's scale is 1."""
+    (rank r·(tasks+1)), lora_alpha = rank so PEFT's scale is 1. On a model sharded by FSDP2 every rank calls it;
+    rank 0 writes, as :func:`save_adapter`."""
     layers = require_taillor_layers(model, "export_lora")
+    sharded = reshard(model)
     tensors, ranks = {}, {}
     for name, layer in layers:
-        with torch.no_grad():
-            P, Q = layer.adapter_factors()
-            up = torch.cat([layer.consolidated_up, layer.scaling * Q], dim=1)
-            down = torch.cat([layer.consolidated_down, P.t()], dim=0)
+        current_up, current_down = layer.current_factors()
+        up = torch.cat([layer.consolidated_up, current_up], dim=1)
+        down = torch.cat([layer.consolidated_down, current_down], dim=0)
         tensors[f"base_model.model.{name}.lora_A.weight"] = down.float().contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = up.float().contiguous().cpu()
         ranks[name] = down.shape[0]
@@ -143,6 +152,9 @@ def export_lora(model: nn.Module, directory: str) -> None:
         "target_modules": sorted(ranks), "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "rank_pattern": patterns, "alpha_pattern": dict(patterns),
     }
-    os.makedirs(directory, exist_ok=True)
-    atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    atomic_save_json(peft_config, os.path.join(directory, CONFIG_NAME))
+
+    def write() -> None:
+        os.makedirs(directory, exist_ok=True)
+        atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        atomic_save_json(peft_config, os.path.join(directory, CONFIG_NAME))
+    write_once(sharded, local_device(model), write)

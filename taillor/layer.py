@@ -8,6 +8,7 @@ B live (full or head frame) in :mod:`taillor.frame.modes`; access to the wrapped
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from typing import Optional
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._sharded import full_tensor, gathered
 from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
@@ -28,8 +30,18 @@ RECORD_TENSORS = ("lora_P", "lora_Q", "consolidated_up", "consolidated_down")
 BASE_NORM_RTOL = 1e-3
 
 
-def _full_tensor(t: Tensor) -> Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def _whole(method):
+    """A layer method that reads or changes whole parameters: on a model sharded by FSDP2 it runs on gathered
+    copies, and each rank keeps its shard of the result (:func:`taillor._sharded.gathered`; a collective then, so
+    every rank calls it). The no-grad factor cache is dropped: it may be keyed by the gathered copies."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with gathered(self):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._factor_cache = None
+    return run
 
 
 def task_seed(seed: int, name: str, task: int) -> int:
@@ -130,6 +142,7 @@ class TailLoRLinear(nn.Module):
                 f"{self.tasks_consolidated}, merged={self.merged}")
 
     # ------------------------------------------------------------------------------------------------------
+    @_whole
     def reset_adapter(self) -> None:
         """New A (Kaiming-uniform, or zero on the head with init="tail"), B = 0: the layer equals its base."""
         seed = task_seed(self.config.seed, self.name, self.tasks_consolidated)
@@ -188,7 +201,7 @@ class TailLoRLinear(nn.Module):
         frame = self.frame
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
-        A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
+        A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
         U, V = self.frame_mode.penalty_frame(frame)
         s2 = self.scaling ** 2
         if penalty is not None or not self.adapts_strength:
@@ -208,7 +221,7 @@ class TailLoRLinear(nn.Module):
         """The current update's ω²-weighted share of energy in the pre-trained head (:func:`strength.head_share`),
         a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
         with torch.no_grad():
-            A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
+            A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
             U, V = self.frame_mode.penalty_frame(self.frame)
             energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
             return head_share(energy, self._update_energy(A, B))
@@ -238,33 +251,38 @@ class TailLoRLinear(nn.Module):
                                          self.consolidated_down)
 
     # ------------------------------------------------------------------------------------------------------
-    def _current_factors(self) -> tuple[Tensor, Tensor]:
-        """(up, down) = (s·Q, Pᵀ), detached: ΔW = up @ down."""
+    @_whole
+    def current_factors(self) -> tuple[Tensor, Tensor]:
+        """(up, down) = (s·Q, Pᵀ), (d_out, r) and (r, d_in), detached copies in the adapter's dtype: the current
+        task's ΔW = up @ down. Gathered first when FSDP2 shards the parameters (a collective then)."""
         with torch.no_grad():
             P, Q = self.adapter_factors()
             return (self.scaling * Q).detach().clone(), P.t().detach().contiguous()
 
+    @_whole
     def merge(self) -> None:
         """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
         if self.merged:
             return
-        self.base.fold(*self._current_factors())
+        self.base.fold(*self.current_factors())
         self.merged = True
 
+    @_whole
     def unmerge(self) -> None:
         """Remove the merged ΔW from the base weight (exact up to the base dtype's rounding)."""
         if not self.merged:
             return
-        self.base.fold(*self._current_factors(), sign=-1.0)
+        self.base.fold(*self.current_factors(), sign=-1.0)
         self.merged = False
 
+    @_whole
     def consolidate(self) -> None:
         """End a task: fold ΔW into the base weight, record it, and restart the adapter (new A, B = 0).
 
         The frame stays the pre-trained one, so the next task's penalty still protects the original head.
         Outputs are unchanged (within the base dtype's rounding).
         """
-        up, down = self._current_factors()
+        up, down = self.current_factors()
         if not self.merged and not self.base.quantized:  # a quantized base adds the recorded factors instead
             self.base.fold(up, down)
         self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
@@ -276,6 +294,7 @@ class TailLoRLinear(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # the layer's record in a saved adapter
     # ------------------------------------------------------------------------------------------------------
+    @_whole
     def export_record(self) -> tuple[dict[str, Tensor], dict]:
         """This layer's part of a saved adapter: (tensors, meta), on the CPU.
 
@@ -295,6 +314,7 @@ class TailLoRLinear(nn.Module):
                 "penalty_strength": float(self.penalty_strength)}
         return tensors, meta
 
+    @_whole
     def load_record(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Restore a record of :meth:`export_record` (checked first with :func:`check_record`) onto this fresh
         layer: replay the consolidated tasks into the base weight (the same folds, so the same weight bit for bit
@@ -345,7 +365,7 @@ def check_record(name: str, base_layer: nn.Module, tensors: dict[str, Tensor], m
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
             or strength < 0:
         raise ValueError(f"{name}: saved penalty_strength {strength!r} is not a finite number >= 0")
-    norm = float(base.weight().detach().double().norm())
+    norm = float(full_tensor(base.weight().detach()).double().norm())  # a collective on a sharded base
     if not math.isclose(norm, meta["base_weight_norm"], rel_tol=BASE_NORM_RTOL, abs_tol=1e-12):
         raise ValueError(f"{name}: this base weight (norm {norm:.6g}) is not the one the adapter was trained on "
                          f"(norm {meta['base_weight_norm']:.6g}); load adapters onto the original base model")

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ._sharded import is_sharded, reshard
 from .base import SUPPORTED, LinearBase, base_for, is_supported_base
 from .config import TailLoRConfig
 from .frame import SpectralFrame, build_frames as _build_frames, frame_bytes
@@ -163,6 +164,10 @@ def apply_taillor(model: nn.Module, config: TailLoRConfig, progress: bool = True
     quantized weight is dequantized for its frame one layer at a time. Returns ``model``.
     """
     targets = find_target_modules(model, config)
+    if reshard(model):  # new layers would hold parameters that FSDP does not manage
+        first = next(name for name, p in model.named_parameters() if is_sharded(p))
+        raise TypeError(f"apply_taillor: the model is already sharded (FSDP2 DTensor parameter {first!r}); apply "
+                        "TailLoR to the unsharded model, then call fully_shard. Nothing was changed.")
     bases = {name: base_for(module, name) for name, module in targets.items()}
     for name, base in bases.items():
         d_out, d_in = base.out_features, base.in_features
@@ -203,8 +208,10 @@ def consolidate(model: nn.Module) -> int:
     """End a task on every TailLoR layer (fold, record, restart the adapter). Returns the number of layers.
 
     Optimizer state of the old A, B is stale afterwards: create a new optimizer (or reset its state).
+    On a model sharded by FSDP2 every rank calls it; each layer is gathered in turn and each rank keeps its shard.
     """
     layers = require_taillor_layers(model, "consolidate")
+    reshard(model)
     for _, layer in layers:
         layer.consolidate()
     return len(layers)
@@ -216,9 +223,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     On a quantized base (bitsandbytes) it raises TypeError before changing anything: merging would requantize
     the weight and lose part of what was learned. Keep the TailLoR layers, or export a PEFT LoRA adapter for the
     same quantized base with :func:`taillor.export_lora`, or load the adapter onto an unquantized copy of the model
-    and merge there.
+    and merge there. On a model sharded by FSDP2 it raises TypeError, also before any change (the module tree is
+    FSDP's): save the adapter and merge an unsharded copy, or export it.
     """
     layers = require_taillor_layers(model, "merge_and_unload")
+    _refuse_sharded(model, "merge_and_unload")
     quantized = [name for name, layer in layers if layer.base.quantized]
     if quantized:
         raise TypeError(f"merge_and_unload: {len(quantized)} layers have a quantized base ({quantized[:3]}...); "
@@ -251,7 +260,20 @@ def merge_and_requantize(model: nn.Module) -> dict[str, RequantizationError]:
     quantized layer name. Unquantized layers merge exactly, as in :func:`merge_and_unload`. One layer is
     dequantized at a time. The exact alternatives: keep the TailLoR layers, or :func:`taillor.export_lora`.
     """
-    return _merge_and_restore_bases(model, require_taillor_layers(model, "merge_and_requantize"))
+    layers = require_taillor_layers(model, "merge_and_requantize")
+    _refuse_sharded(model, "merge_and_requantize")
+    return _merge_and_restore_bases(model, layers)
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    """TypeError on a model sharded by FSDP2: putting the base layers back in place of the TailLoR layers changes
+    the module tree whose parameters FSDP manages."""
+    if reshard(model):  # after a forward without backward, FSDP2 may hold plain unsharded copies: look at the shards
+        raise TypeError(f"{what}: the model is sharded (FSDP2 DTensor parameters); replacing its TailLoR layers "
+                        "would leave FSDP managing modules that are gone. Save the adapter (taillor.save_adapter "
+                        "works on the sharded model), load it onto an unsharded copy of the base model and merge "
+                        "there, or use taillor.export_lora; layer.merge() merges in place, sharded. Nothing "
+                        "was changed.")
 
 
 def _merge_and_restore_bases(model: nn.Module, layers) -> dict[str, RequantizationError]:
