@@ -12,5 +12,7 @@ for _op, _fn in (("tail_adapter_fwd", tail_adapter.tail_adapter_forward),
                  ("spectral_projection_bwd", spectral_projection.spectral_projection_backward),
                  ("spectral_penalty_fwd", spectral_penalty.spectral_penalty_forward),
                  ("spectral_penalty_bwd", spectral_penalty.spectral_penalty_backward),
+                 ("spectral_penalty_batched_fwd", spectral_penalty.spectral_penalty_batched_forward),
+                 ("spectral_penalty_batched_bwd", spectral_penalty.spectral_penalty_batched_backward),
                  ("randomized_svd", randomized_svd.randomized_svd)):
     register_impl(_op, "eager", _EVERY_DEVICE, (lambda fn=_fn: fn))
