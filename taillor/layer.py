@@ -162,8 +162,10 @@ class TailLoRLinear(nn.Module):
                                                                     self.frame.V) if t is not None)
         cached = self._factor_cache
         if cached is None or cached[0] != key:
-            cached = self._factor_cache = (key, *self.frame_mode.layer_factors(self.lora_A, self.lora_B,
-                                                                               self.frame, dtype))
+            # Detached: in the head frame P is a view of A, and a view made under no_grad whose base the optimizer
+            # then changes in place makes the module impossible to deepcopy.
+            cached = self._factor_cache = (key, *(t.detach() for t in self.frame_mode.layer_factors(
+                self.lora_A, self.lora_B, self.frame, dtype)))
         return cached[1], cached[2]
 
     def delta_weight(self) -> Tensor:

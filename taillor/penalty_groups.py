@@ -63,14 +63,15 @@ class PenaltyGroup:
             list(_TASK_BUFFERS) if self.protects else [])
         self.stacks: dict[str, Tensor] = {}
         self.views: list[tuple[nn.Module, str, Tensor]] = []
-        with torch.no_grad():
-            for path, name in names:
-                stack = torch.stack([getattr(_owner(layer, path), name) for layer in layers])
-                self.stacks[name] = stack
-                for i, layer in enumerate(layers):
-                    owner, view = _owner(layer, path), stack[i]
-                    setattr(owner, name, view)  # a registered buffer: the layer now holds its slice of the stack
-                    self.views.append((owner, name, view))
+        # Made with grad mode as it is (buffers never require grad, so nothing is recorded): views made under
+        # no_grad could not be written in place later with grad mode on.
+        for path, name in names:
+            stack = torch.stack([getattr(_owner(layer, path), name).detach() for layer in layers])
+            self.stacks[name] = stack
+            for i, layer in enumerate(layers):
+                owner, view = _owner(layer, path), stack[i]
+                setattr(owner, name, view)  # a registered buffer: the layer now holds its slice of the stack
+                self.views.append((owner, name, view))
 
     def valid(self) -> bool:
         """True while every re-pointed buffer is still the slice this group made (nothing replaced it)."""

@@ -209,3 +209,17 @@ def test_config_round_trip_validation_and_older_adapters(tmp_path):
     x = torch.randn(3, 24)
     assert_close(loaded(x), model(x), "reloaded")
     assert all(not layer.protects_tasks for _, layer in taillor.iter_taillor_layers(loaded))
+
+
+def test_a_consolidated_model_evaluated_and_stepped_can_be_deep_copied():
+    # Factors cached under no_grad used to be views of A: after an in-place optimizer step, deepcopy failed.
+    model = taillor.apply_taillor(small_model(), taillor.TailLoRConfig(rank=2, head=4, frame="head",
+                                                                       target_modules=["0", "2"]), progress=False)
+    randomize(model)
+    taillor.consolidate(model)
+    with torch.no_grad():
+        model(torch.randn(2, 24))
+        randomize(model)
+    copied = copy.deepcopy(model)
+    x = torch.randn(3, 24)
+    assert torch.equal(copied(x), model(x))
