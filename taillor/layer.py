@@ -19,6 +19,7 @@ from . import functional as F
 from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
+from .protection import update_bases
 from .strength import dual_step, head_share
 
 # The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
@@ -369,22 +370,6 @@ class TailLoRLinear(nn.Module):
             self.penalty_strength.fill_(float(meta["penalty_strength"]))
         if meta["merged"]:
             self.merge()
-
-
-def update_bases(up: Tensor, down: Tensor) -> tuple[Tensor, Tensor]:
-    """Orthonormal bases (left (m, q), right (n, q)) of the column and row spaces of the update up·down (up (m, R),
-    down (R, n)), q its numerical rank: singular values above σ_max·max(m, n)·eps of up's dtype (numpy's
-    matrix_rank rule), so a zero or rank-deficient update adds no spurious directions. Via QR of each factor and
-    an SVD of the R×R core (never the m×n product), in float64; returned in up's dtype."""
-    m, n = up.shape[0], down.shape[1]
-    if up.shape[1] == 0:
-        return up.new_zeros(m, 0), up.new_zeros(n, 0)
-    Q_left, R_left = torch.linalg.qr(up.double())
-    Q_right, R_right = torch.linalg.qr(down.double().t())
-    U_core, S, Vh_core = torch.linalg.svd(R_left @ R_right.t())
-    q = int((S > float(S[0]) * max(m, n) * torch.finfo(up.dtype).eps).sum())
-    return ((Q_left @ U_core[:, :q]).to(up.dtype).contiguous(),
-            (Q_right @ Vh_core[:q].t()).to(up.dtype).contiguous())
 
 
 def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
