@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import backends
 from .eager import randomized_svd as eager_rsvd
 from .eager import spectral_penalty as eager_penalty
+from .eager import spectral_penalty_batched as eager_penalty_batched
 from .eager import spectral_projection as eager_projection
 from .eager import tail_adapter as eager_adapter
 
@@ -158,7 +159,7 @@ _register_device_kernel(spectral_penalty_bwd, "spectral_penalty_bwd", ref=1)
 @custom_op("taillor::spectral_penalty_batched_fwd", mutates_args=())
 def spectral_penalty_batched_fwd(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
                                  coeff: float) -> tuple[Tensor, Tensor]:
-    return eager_penalty.spectral_penalty_batched_forward(A, B, U, V, omega2, coeff)
+    return eager_penalty_batched.spectral_penalty_batched_forward(A, B, U, V, omega2, coeff)
 
 
 @spectral_penalty_batched_fwd.register_fake
@@ -169,7 +170,7 @@ def _(A, B, U, V, omega2, coeff):
 @custom_op("taillor::spectral_penalty_batched_bwd", mutates_args=())
 def spectral_penalty_batched_bwd(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                                  omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
-    return eager_penalty.spectral_penalty_batched_backward(grad, A, B, U, V, omega2, coeff)
+    return eager_penalty_batched.spectral_penalty_batched_backward(grad, A, B, U, V, omega2, coeff)
 
 
 @spectral_penalty_batched_bwd.register_fake

@@ -14,7 +14,7 @@ import taillor
 from taillor import functional as F
 from taillor import ops
 from taillor.penalty_groups import PenaltyGroup, _GROUPS
-from conftest import assert_matches_oracle, dense_penalty
+from conftest import DTYPE_ID, KernelImpl, assert_matches_oracle, dense_penalty, kernel_impls
 
 
 def batched_inputs(mode, L, r, dtype=torch.float32, seed=0):
@@ -162,3 +162,30 @@ def test_groups_share_the_frames_and_follow_changes():
     expected = sum(layer.spectral_penalty(penalty=0.6) for layer in layers_of(model))
     assert_matches_oracle(value.detach(), expected.detach(), torch.float32, "float64 model")
     assert all(u.valid() for u in _GROUPS[model] if isinstance(u, PenaltyGroup))
+
+
+@pytest.mark.parametrize("impl", kernel_impls("spectral_penalty", ("eager", "interpreter", "compiled")), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_launchers_match_float64(impl, dtype, mode):
+    """Every implementation's launchers (eager; Triton in the interpreter; compiled on a GPU) against the float64
+    formulas, each allowed twice the eager error in ``dtype`` plus the floor."""
+    forward, backward = impl.launchers("spectral_penalty_batched")
+    eager_forward, eager_backward = KernelImpl("eager").launchers("spectral_penalty_batched")
+    A, B, U, V, w = (None if t is None else t.to(impl.device) for t in batched_inputs(mode, 3, 5, dtype))
+    value, total = forward(A, B, U, V, w, 0.3)
+    assert value.shape == total.shape == (3,) and value.dtype == dtype
+    A64 = A.detach().cpu().double().requires_grad_(True)
+    B64 = B.detach().cpu().double().requires_grad_(True)
+    cpu = (lambda t: None if t is None else t.cpu())
+    value64, total64 = oracle(A64, B64, cpu(U), cpu(V), w.cpu(), 0.3)
+    grad = torch.tensor([1.0, -0.5, 2.0], device=impl.device)
+    (value64 * grad.cpu().double()).sum().backward()
+    eager_value, eager_total = eager_forward(A, B, U, V, w, 0.3)
+    assert_matches_oracle(value, value64.detach(), dtype, "value", eager=eager_value)
+    assert_matches_oracle(total, total64.detach(), dtype, "total", eager=eager_total)
+    dA, dB = backward(grad, A, B, U, V, w, 0.3)
+    eager_dA, eager_dB = eager_backward(grad, A, B, U, V, w, 0.3)
+    assert dA.shape == A.shape and dB.shape == B.shape and dA.dtype == dtype
+    assert_matches_oracle(dA, A64.grad, dtype, "dA", eager=eager_dA)
+    assert_matches_oracle(dB, B64.grad, dtype, "dB", eager=eager_dB)
