@@ -104,9 +104,17 @@ def _head_factors(A, B, U, V):
     return U.float().mT @ B.float(), A.float() @ V.float()
 
 
+def _batch_of_one(A, B, U, V, omega2):
+    return A[None], B[None], None if U is None else U[None], None if V is None else V[None], omega2[None]
+
+
 def spectral_penalty_batched_forward(A, B, U, V, omega2, coeff):
     """(value, total), each (L,) in A's dtype; A (L, r, a), B (L, b, r), U (L, b, h) and V (L, a, h) or both None
-    (full frame), omega2 (L, h); any strides (omega2 unit stride in its last dim). Arithmetic in fp32."""
+    (full frame), omega2 (L, h); any strides (omega2 unit stride in its last dim); one layer's unbatched inputs
+    give 0-dim results. Arithmetic in fp32."""
+    if A.dim() == 2:  # one layer, unbatched: 0-dim results
+        value, total = spectral_penalty_batched_forward(*_batch_of_one(A, B, U, V, omega2), coeff)
+        return value[0], total[0]
     L, r, h = _check(A, B, U, V, omega2)
     nr = triton.cdiv(r, pow2_block(r, GRAM_MAX_BLOCK_R))
     parts = torch.empty((L, 2, nr * nr), device=A.device, dtype=torch.float32)
@@ -118,6 +126,9 @@ def spectral_penalty_batched_forward(A, B, U, V, omega2, coeff):
 
 def spectral_penalty_batched_backward(grad, A, B, U, V, omega2, coeff):
     """(dA, dB) of Σ_l grad_l·value_l, grad (L,); shapes as in the forward; contiguous, in A's dtype."""
+    if A.dim() == 2:  # one layer, unbatched
+        dA, dB = spectral_penalty_batched_backward(grad.reshape(1), *_batch_of_one(A, B, U, V, omega2), coeff)
+        return dA[0], dB[0]
     L, r, h = _check(A, B, U, V, omega2)
     if tuple(grad.shape) != (L,):
         raise ValueError(f"batched penalty: grad must have shape ({L},), got {tuple(grad.shape)}")

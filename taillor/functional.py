@@ -174,7 +174,8 @@ def spectral_penalty_batched(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optio
     total_l = coeff·‖B_l A_l‖²_F, which is ‖ΔW_l‖²_F for coeff = s² (the frame has orthonormal columns), for the
     strength's dual step; it is computed from the same Gram matrices and is not differentiable.
     A (L, r, a), B (L, b, r); full frame: U = V = None, a = b = k, omega2 (L, k); head frame: U (L, b, h),
-    V (L, a, h), omega2 (L, h). value is differentiable in A and B; both come back in A's dtype.
+    V (L, a, h), omega2 (L, h). value is differentiable in A and B; both come back in A's dtype. One layer's
+    unbatched inputs (A (r, a), B (b, r), ...) give 0-dim results (no batch dimension to add and remove).
     """
     return _spectral_penalty_batched(A, B, U, V, omega2, float(coeff))
 

@@ -20,7 +20,7 @@ from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
-from .strength import dual_step, head_share
+from .strength import dual_step, dual_step_value, head_share
 
 # The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
 # adapter independent of the SVD routine's sign and basis choices.
@@ -238,15 +238,13 @@ class TailLoRLinear(nn.Module):
         return energy
 
     def _energies(self, A: Tensor, B: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
-        """(coeff·protected energy (differentiable), coeff·‖B A‖² (detached)): one batched penalty call (L = 1)
-        gives the head energy and the update's energy from the same Gram matrices."""
+        """(coeff·protected energy (differentiable), coeff·‖B A‖² (detached)): one penalty call gives the head
+        energy and the update's energy from the same Gram matrices."""
         U, V = self.frame_mode.penalty_frame(self.frame)
-        value, total = F.spectral_penalty_batched(A[None], B[None], None if U is None else U[None],
-                                                  None if V is None else V[None], self.frame.omega2[None], coeff)
-        energy = value[0]
+        energy, total = F.spectral_penalty_batched(A, B, U, V, self.frame.omega2, coeff)
         if self.protects_tasks:
             energy = energy + self._task_energy(A, B, coeff)
-        return energy, total[0]
+        return energy, total
 
     def head_share(self) -> Tensor:
         """The current update's ω²-weighted share of energy in the pre-trained head (:func:`strength.head_share`),
@@ -254,12 +252,21 @@ class TailLoRLinear(nn.Module):
         with torch.no_grad():
             A, B = _full_tensor(self.lora_A), _full_tensor(self.lora_B)
             U, V = self.frame_mode.penalty_frame(self.frame)
-            value, total = F.spectral_penalty_batched(A[None], B[None], None if U is None else U[None],
-                                                      None if V is None else V[None], self.frame.omega2[None], 1.0)
-            return head_share(value[0], total[0])
+            return head_share(*F.spectral_penalty_batched(A, B, U, V, self.frame.omega2, 1.0))
 
     def _adapt_strength(self, energy: Tensor, total: Tensor) -> None:
         with torch.no_grad():
+            if energy.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Host numbers: the same step and the same change check (bit equality, NaN at first), a few
+                # tensor ops fewer than the traceable path below.
+                e, t = float(energy), float(total)
+                if [e, t] == self.strength_seen.tolist():
+                    return
+                self.strength_seen.copy_(torch.stack((energy, total)))
+                if t > 0:
+                    self.penalty_strength.fill_(dual_step_value(float(self.penalty_strength), e, t,
+                                                                self.config.head_share_target, self.config.penalty))
+                return
             pair = torch.stack((energy, total))
             changed = (pair != self.strength_seen).any()  # the first step sees NaN: changed
             self.strength_seen.copy_(pair)

@@ -164,7 +164,7 @@ def spectral_penalty_batched_fwd(A: Tensor, B: Tensor, U: Optional[Tensor], V: O
 
 @spectral_penalty_batched_fwd.register_fake
 def _(A, B, U, V, omega2, coeff):
-    return A.new_empty(A.shape[0]), A.new_empty(A.shape[0])
+    return A.new_empty(A.shape[:-2]), A.new_empty(A.shape[:-2])
 
 
 @custom_op("taillor::spectral_penalty_batched_bwd", mutates_args=())

@@ -66,3 +66,13 @@ def dual_step(strength: Tensor, energy: Tensor, total: Tensor, changed: Tensor, 
     low, high = STRENGTH_RANGE
     new = (strength.log() + step).exp_().clamp_(low * start, high * start)
     strength.copy_(torch.where(changed & (total > 0), new, strength))
+
+
+def dual_step_value(strength: float, energy: float, total: float, target: float, start: float) -> float:
+    """:func:`dual_step` on host numbers, for a CPU layer outside compiled code (reading a CPU tensor costs no
+    synchronisation, and a handful of 0-dim tensor ops cost more than the penalty's own Gram products): the new λ
+    for ``total > 0`` (the caller skips the step otherwise)."""
+    ratio = math.log(max(energy / (2.0 * target * total), math.exp(-_LOG_RATIO_CLAMP)))
+    low, high = STRENGTH_RANGE
+    new = math.exp(math.log(strength) + HEAD_SHARE_GAIN * min(ratio, _LOG_RATIO_CLAMP))
+    return min(max(new, low * start), high * start)

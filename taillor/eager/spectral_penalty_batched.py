@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .spectral_penalty import _in_compute_dtype
+from .spectral_penalty import _head_coordinates, _in_compute_dtype, spectral_penalty_backward
 
 
 def _batched_grams(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor):
@@ -27,12 +27,29 @@ def _batched_grams(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor
     return M1, M2, M3, M4, B_h, A_h
 
 
+def _one_layer(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
+               coeff: float) -> tuple[Tensor, Tensor]:
+    """(value, total) of one layer, 0-dim: the value as :func:`spectral_penalty_forward` computes it (the same
+    operations, so the same bits), the total from its Gram matrices."""
+    out_dtype = A.dtype
+    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
+    B_h, A_h = _head_coordinates(A, B, U, V)
+    gram_A = A @ A.t()
+    gram_B = B.t() @ B
+    left = (B_h.t() * omega2) @ B_h
+    right = (A_h * omega2) @ A_h.t()
+    value = coeff * ((left * gram_A).sum() + (gram_B * right).sum())
+    return value.to(out_dtype), (coeff * (gram_A * gram_B).sum()).to(out_dtype)
+
+
 def spectral_penalty_batched_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                                      omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
     """(value, total) of L layers, each (L,) in A's dtype: value_l = c·(⟨M1, M3⟩ + ⟨M2, M4⟩) (the penalty) and
     total_l = c·⟨M3, M2⟩ = c·‖B_l A_l‖²_F (‖ΔW_l‖²_F for c = s², U and V having orthonormal columns), from the
     same Gram matrices. A (L, r, a), B (L, b, r), U (L, b, h) and V (L, a, h) or None (full frame, h = a = b),
-    omega2 (L, h)."""
+    omega2 (L, h). Unbatched inputs (one layer: A (r, a), B (b, r), ...) give 0-dim results."""
+    if A.dim() == 2:
+        return _one_layer(A, B, U, V, omega2, coeff)
     out_dtype = A.dtype
     A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
     M1, M2, M3, M4, _, _ = _batched_grams(A, B, U, V, omega2)
@@ -45,6 +62,8 @@ def spectral_penalty_batched_backward(grad: Tensor, A: Tensor, B: Tensor, U: Opt
                                       V: Optional[Tensor], omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
     """(dA, dB) of Σ_l grad_l·value_l (``total`` is not differentiated: it only feeds the strength's dual step);
     grad (L,), shapes as in :func:`spectral_penalty_batched_forward`. The single-layer formulas, batched."""
+    if A.dim() == 2:  # one layer (the layer's own adaptive penalty): the single-layer kernel
+        return spectral_penalty_backward(grad, A, B, U, V, omega2, coeff)
     out_dtype = A.dtype
     A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
     M1, M2, M3, M4, B_h, A_h = _batched_grams(A, B, U, V, omega2)
