@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import GRAM_BLOCK_L, GRAM_CONFIG, GRAM_MAX_BLOCK_R, launch, pow2_block
-from .spectral_penalty import _gram_acc
+from .spectral_penalty import gram_acc
 
 
 @triton.jit
@@ -38,10 +38,10 @@ def _batched_gram_kernel(xb_ptr, s_xbn, s_xbr, s_xbl, xa_ptr, s_xan, s_xar, s_xa
     mask_j = offs_j < R
     w = w_ptr + n * s_wn
     zero = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    m1 = _gram_acc(zero, xbh_ptr + n * s_xbhn, s_xbhr, s_xbhl, L_h, w, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
-    m4 = _gram_acc(zero, xah_ptr + n * s_xahn, s_xahr, s_xahl, L_h, w, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
-    m2 = _gram_acc(zero, xb_ptr + n * s_xbn, s_xbr, s_xbl, L_b, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
-    m3 = _gram_acc(zero, xa_ptr + n * s_xan, s_xar, s_xal, L_a, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
+    m1 = gram_acc(zero, xbh_ptr + n * s_xbhn, s_xbhr, s_xbhl, L_h, w, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
+    m4 = gram_acc(zero, xah_ptr + n * s_xahn, s_xahr, s_xahl, L_h, w, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
+    m2 = gram_acc(zero, xb_ptr + n * s_xbn, s_xbr, s_xbl, L_b, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
+    m3 = gram_acc(zero, xa_ptr + n * s_xan, s_xar, s_xal, L_a, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
     if STORE_GRAMS:
         # out: (L, 4, R, R) fp32, contiguous.
         ptrs = out_ptr + n * 4 * R * R + offs_i[:, None] * R + offs_j[None, :]

@@ -189,3 +189,30 @@ def test_launchers_match_float64(impl, dtype, mode):
     assert dA.shape == A.shape and dB.shape == B.shape and dA.dtype == dtype
     assert_matches_oracle(dA, A64.grad, dtype, "dA", eager=eager_dA)
     assert_matches_oracle(dB, B64.grad, dtype, "dB", eager=eager_dB)
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_layer_adaptive_penalty_with_triton_matches_the_oracle(triton_layer_device, frame):
+    """A layer's adaptive penalty runs the batched op unbatched: with the Triton backend forced, its dual step and
+    value match the float64 definitions (share, then λ·penalty at the adapted λ)."""
+    import math
+    from conftest import dense_head_share
+    from taillor.strength import HEAD_SHARE_GAIN
+    torch.manual_seed(0)
+    layer = taillor.TailLoRLinear.from_linear(nn.Linear(40, 56).to(triton_layer_device), rank=3, head=6,
+                                              frame=frame, penalty=0.4, head_share_target=0.05)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(2)))
+    share = dense_head_share(layer)
+    with taillor.use_backend("triton"):
+        value = layer.spectral_penalty()
+        value.backward()
+    expected = 0.4 * math.exp(HEAD_SHARE_GAIN * max(-2.0, min(2.0, math.log(share / 0.05))))
+    assert_matches_oracle(layer.penalty_strength, torch.tensor(expected, dtype=torch.float64), torch.float32, "λ")
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    oracle_value = dense_penalty(layer, A, B, strength=float(layer.penalty_strength))
+    oracle_value.backward()
+    assert_matches_oracle(value.detach(), oracle_value.detach(), torch.float32, "penalty")
+    assert_matches_oracle(layer.lora_A.grad, A.grad, torch.float32, "dA")
+    assert_matches_oracle(layer.lora_B.grad, B.grad, torch.float32, "dB")

@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .spectral_penalty import _head_coordinates, _in_compute_dtype, spectral_penalty_backward
+from .spectral_penalty import head_coordinates, in_compute_dtype, spectral_penalty_backward
 
 
 def _batched_grams(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor):
@@ -32,8 +32,8 @@ def _one_layer(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], o
     """(value, total) of one layer, 0-dim: the value as :func:`spectral_penalty_forward` computes it (the same
     operations, so the same bits), the total from its Gram matrices."""
     out_dtype = A.dtype
-    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = _head_coordinates(A, B, U, V)
+    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
+    B_h, A_h = head_coordinates(A, B, U, V)
     gram_A = A @ A.t()
     gram_B = B.t() @ B
     left = (B_h.t() * omega2) @ B_h
@@ -51,7 +51,7 @@ def spectral_penalty_batched_forward(A: Tensor, B: Tensor, U: Optional[Tensor], 
     if A.dim() == 2:
         return _one_layer(A, B, U, V, omega2, coeff)
     out_dtype = A.dtype
-    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
+    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
     M1, M2, M3, M4, _, _ = _batched_grams(A, B, U, V, omega2)
     value = (M1 * M3 + M2 * M4).sum((1, 2)) * coeff
     total = (M2 * M3).sum((1, 2)) * coeff
@@ -65,7 +65,7 @@ def spectral_penalty_batched_backward(grad: Tensor, A: Tensor, B: Tensor, U: Opt
     if A.dim() == 2:  # one layer (the layer's own adaptive penalty): the single-layer kernel
         return spectral_penalty_backward(grad, A, B, U, V, omega2, coeff)
     out_dtype = A.dtype
-    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
+    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
     M1, M2, M3, M4, B_h, A_h = _batched_grams(A, B, U, V, omega2)
     factor = (2.0 * coeff) * grad.to(A.dtype)[:, None, None]
     w = omega2[:, None, :]
