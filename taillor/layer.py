@@ -20,7 +20,7 @@ from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
-from .strength import dual_step, dual_step_value, head_share
+from .strength import adapt_strength, head_share
 
 # The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
 # adapter independent of the SVD routine's sign and basis choices.
@@ -255,23 +255,8 @@ class TailLoRLinear(nn.Module):
             return head_share(*F.spectral_penalty_batched(A, B, U, V, self.frame.omega2, 1.0))
 
     def _adapt_strength(self, energy: Tensor, total: Tensor) -> None:
-        with torch.no_grad():
-            if energy.device.type == "cpu" and not torch.compiler.is_compiling():
-                # Host numbers: the same step and the same change check (bit equality, NaN at first), a few
-                # tensor ops fewer than the traceable path below.
-                e, t = float(energy), float(total)
-                if [e, t] == self.strength_seen.tolist():
-                    return
-                self.strength_seen.copy_(torch.stack((energy, total)))
-                if t > 0:
-                    self.penalty_strength.fill_(dual_step_value(float(self.penalty_strength), e, t,
-                                                                self.config.head_share_target, self.config.penalty))
-                return
-            pair = torch.stack((energy, total))
-            changed = (pair != self.strength_seen).any()  # the first step sees NaN: changed
-            self.strength_seen.copy_(pair)
-            dual_step(self.penalty_strength, energy, total, changed, self.config.head_share_target,
-                      self.config.penalty)
+        adapt_strength(self.penalty_strength, self.strength_seen, energy, total, self.config.head_share_target,
+                       self.config.penalty)
 
     def _refresh_protection(self) -> None:
         """Recompute the finished tasks' bases from ``consolidated_up`` / ``consolidated_down`` (after a

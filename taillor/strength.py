@@ -76,3 +76,25 @@ def dual_step_value(strength: float, energy: float, total: float, target: float,
     low, high = STRENGTH_RANGE
     new = math.exp(math.log(strength) + HEAD_SHARE_GAIN * min(ratio, _LOG_RATIO_CLAMP))
     return min(max(new, low * start), high * start)
+
+
+@torch.no_grad()
+def adapt_strength(strength: Tensor, seen: Tensor, energy: Tensor, total: Tensor, target: float,
+                   start: float) -> None:
+    """A layer's dual step: ``strength`` (0-dim) steps towards ``target`` if (energy, total) (0-dim, detached) differ
+    from ``seen`` (2,), the pair of the last step (NaN before the first), which is then updated. Both come out of
+    one penalty kernel, so the same A, B give the same bits in eager and compiled code, and a second call within
+    one optimizer step (gradient accumulation) changes nothing. On a CPU outside compiled code the check and the
+    step run on host numbers: the same formula, a few tensor ops fewer."""
+    if energy.device.type == "cpu" and not torch.compiler.is_compiling():
+        e, t = float(energy), float(total)
+        if [e, t] == seen.tolist():
+            return
+        seen.copy_(torch.stack((energy, total)))
+        if t > 0:
+            strength.fill_(dual_step_value(float(strength), e, t, target, start))
+        return
+    pair = torch.stack((energy, total))
+    changed = (pair != seen).any()
+    seen.copy_(pair)
+    dual_step(strength, energy, total, changed, target, start)
