@@ -6,6 +6,7 @@ Launchers (each returns exactly its op's schema outputs, see taillor.ops):
     tail_adapter_split_forward, tail_adapter_split_backward  split route: cuBLAS base, Triton rank-r products
     spectral_projection_forward, spectral_projection_backward  P = V Aᵀ, Q = U B and their gradients
     spectral_penalty_forward, spectral_penalty_backward      the Gram-form spectral penalty
+    spectral_penalty_batched_forward, _backward              the same for L same-shaped layers, with ‖B A‖²
 
 One job per module: each op file (tail_adapter, tail_adapter_split, spectral_projection, spectral_penalty) holds
 its ``@triton.jit`` kernel and host launcher; ``pair_gemm`` is the shared GEMM engine (two tall-skinny products
@@ -15,12 +16,15 @@ recording for the ahead-of-time check). Without TRITON_INTERPRET=1 the launchers
 run on the CPU.
 """
 from .spectral_penalty import spectral_penalty_backward, spectral_penalty_forward
+from .spectral_penalty_batched import spectral_penalty_batched_backward, spectral_penalty_batched_forward
 from .spectral_projection import spectral_projection_backward, spectral_projection_forward
 from .tail_adapter import tail_adapter_backward, tail_adapter_forward
 from .tail_adapter_split import tail_adapter_split_backward, tail_adapter_split_forward
 
 __all__ = [
     "spectral_penalty_backward",
+    "spectral_penalty_batched_backward",
+    "spectral_penalty_batched_forward",
     "spectral_penalty_forward",
     "spectral_projection_backward",
     "spectral_projection_forward",

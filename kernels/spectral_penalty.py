@@ -39,7 +39,7 @@ from .pair_gemm import Term, launch_pair
 
 
 @triton.jit
-def _gram_acc(acc, x_ptr, s_xr, s_xl, L, w_ptr, offs_i, offs_j, mask_i, mask_j,
+def gram_acc(acc, x_ptr, s_xr, s_xl, L, w_ptr, offs_i, offs_j, mask_i, mask_j,
               WEIGHTED: tl.constexpr, BLOCK_L: tl.constexpr):
     # acc (BR, BR) += Σ_l X[i, l] · w[l] · X[j, l] over one length-L loop (X given as r × L by strides).
     offs_l = tl.arange(0, BLOCK_L).to(tl.int64)
@@ -96,10 +96,10 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
             m3 = tl.dot(ai, aj, m3, input_precision="ieee")
             m4 = tl.dot(ai * w[None, :], aj, m4, input_precision="ieee")
     else:
-        m1 = _gram_acc(m1, xbh_ptr, s_xbhr, s_xbhl, L_h, w_ptr, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
-        m4 = _gram_acc(m4, xah_ptr, s_xahr, s_xahl, L_h, w_ptr, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
-        m2 = _gram_acc(m2, xb_ptr, s_xbr, s_xbl, L_b, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
-        m3 = _gram_acc(m3, xa_ptr, s_xar, s_xal, L_a, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
+        m1 = gram_acc(m1, xbh_ptr, s_xbhr, s_xbhl, L_h, w_ptr, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
+        m4 = gram_acc(m4, xah_ptr, s_xahr, s_xahl, L_h, w_ptr, offs_i, offs_j, mask_i, mask_j, True, BLOCK_L)
+        m2 = gram_acc(m2, xb_ptr, s_xbr, s_xbl, L_b, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
+        m3 = gram_acc(m3, xa_ptr, s_xar, s_xal, L_a, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
     if STORE_GRAMS:
         # out: (4, R, R) fp32, contiguous.
         ptrs = out_ptr + offs_i[:, None] * R + offs_j[None, :]

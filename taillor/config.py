@@ -37,6 +37,12 @@ class TailLoRConfig:
         share of its update's energy, (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) / (2‖ΔW‖²) (see :mod:`taillor.strength`). A
         scale-free strength: it means the same at any learning rate, alpha/rank, layer size and training length,
         where a fixed λ does not. An update blind to the spectrum puts about h/m there.
+    protect_tasks: beyond the paper: also protect what earlier tasks learned. After each ``consolidate`` the
+        finished tasks' updates span a left and a right subspace (at most r directions each per task); the penalty
+        adds their energies, E_tasks = ‖Q_Uᵀ ΔW‖²_F + ‖ΔW Q_V‖²_F with Q_U, Q_V orthonormal bases of
+        those subspaces, weighted by ``protect_tasks_weight``: P = λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖² + μ·E_tasks), and the
+        adapted λ's share counts both (see :mod:`taillor.strength`). False (default): the paper's penalty.
+    protect_tasks_weight: μ >= 0, the weight of the earlier tasks' directions relative to the head's (ω = 1).
     penalty_weighting: ``"head"`` (ω = 1 on the head), ``"sigma"`` (σ_i/σ_0) or ``"sigma2"`` ((σ_i/σ_0)²).
     dropout: dropout probability on the adapter's input, in [0, 1).
     init: ``"kaiming"`` (A Kaiming-uniform, as PEFT) or ``"tail"`` (A zero on the head coordinates).
@@ -62,6 +68,8 @@ class TailLoRConfig:
     head_energy: Optional[float] = None
     penalty: float = 1.0
     head_share_target: Optional[float] = 0.05
+    protect_tasks: bool = False
+    protect_tasks_weight: float = 1.0
     penalty_weighting: str = "head"
     dropout: float = 0.0
     use_rslora: bool = False
@@ -92,6 +100,11 @@ class TailLoRConfig:
             _check_real("head_share_target", self.head_share_target)
             if not 0.0 < self.head_share_target < 1.0:
                 raise ValueError(f"TailLoRConfig.head_share_target must be in (0, 1), got {self.head_share_target!r}")
+        if not isinstance(self.protect_tasks, bool):
+            raise TypeError(f"TailLoRConfig.protect_tasks must be a bool, got {self.protect_tasks!r}")
+        _check_real("protect_tasks_weight", self.protect_tasks_weight)
+        if self.protect_tasks_weight < 0:
+            raise ValueError(f"TailLoRConfig.protect_tasks_weight must be >= 0, got {self.protect_tasks_weight!r}")
         _check_real("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TailLoRConfig.dropout must be in [0, 1), got {self.dropout!r}")

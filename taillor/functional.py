@@ -149,6 +149,37 @@ def spectral_penalty(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tens
     return _spectral_penalty(A, B, U, V, omega2, float(coeff))
 
 
+def _batched_penalty_setup_context(ctx, inputs, output):
+    A, B, U, V, omega2, coeff = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(A, B, U, V, omega2)
+    ctx.coeff = coeff
+
+
+def _batched_penalty_backward(ctx, grad, _grad_total):
+    A, B, U, V, omega2 = ctx.saved_tensors
+    dA, dB = ops.call(ops.spectral_penalty_batched_bwd, grad.contiguous(), A, B, U, V, omega2, ctx.coeff)
+    return dA, dB, None, None, None, None
+
+
+_spectral_penalty_batched = _differentiable("SpectralPenaltyBatched", ops.spectral_penalty_batched_fwd,
+                                            _batched_penalty_setup_context, _batched_penalty_backward)
+
+
+def spectral_penalty_batched(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
+                             coeff: float) -> tuple[Tensor, Tensor]:
+    """The penalty of L layers of one shape in one call, and each update's energy: (value, total), both (L,).
+
+    value_l = coeff·(‖diag(ω_l) B_h A_l‖²_F + ‖B_l A_h diag(ω_l)‖²_F), as :func:`spectral_penalty` for layer l;
+    total_l = coeff·‖B_l A_l‖²_F, which is ‖ΔW_l‖²_F for coeff = s² (the frame has orthonormal columns), for the
+    strength's dual step; it is computed from the same Gram matrices and is not differentiable.
+    A (L, r, a), B (L, b, r); full frame: U = V = None, a = b = k, omega2 (L, k); head frame: U (L, b, h),
+    V (L, a, h), omega2 (L, h). value is differentiable in A and B; both come back in A's dtype. One layer's
+    unbatched inputs (A (r, a), B (b, r), ...) give 0-dim results (no batch dimension to add and remove).
+    """
+    return _spectral_penalty_batched(A, B, U, V, omega2, float(coeff))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # randomized_svd
 # ---------------------------------------------------------------------------------------------------------------

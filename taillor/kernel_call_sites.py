@@ -57,7 +57,20 @@ def _penalty_calls():
     return {"spectral_penalty_fwd": [("penalty full", (A, B, None, None, w_full, 1.0)),
                                      ("penalty head", (Ah, Bh, Uh, Vh, w_head, 1.0))],
             "spectral_penalty_bwd": [("penalty full grad", (g, A, B, None, None, w_full, 1.0)),
-                                     ("penalty head grad", (g, Ah, Bh, Uh, Vh, w_head, 1.0))]}
+                                     ("penalty head grad", (g, Ah, Bh, Uh, Vh, w_head, 1.0))],
+            **_batched_penalty_calls()}
+
+
+def _batched_penalty_calls(layers: int = 4):
+    """{op: [(what, args)]} of the batched penalty (a group of ``layers`` layers), full and head frames."""
+    k, L = D_IN, layers
+    w_full, w_head, g = _meta(L, k), _meta(L, HEAD), _meta(L)
+    A, B = _meta(L, RANK, k), _meta(L, k, RANK)
+    Ah, Bh, Uh, Vh = _meta(L, RANK, D_IN), _meta(L, D_OUT, RANK), _meta(L, D_OUT, HEAD), _meta(L, D_IN, HEAD)
+    return {"spectral_penalty_batched_fwd": [("batched penalty full", (A, B, None, None, w_full, 1.0)),
+                                             ("batched penalty head", (Ah, Bh, Uh, Vh, w_head, 1.0))],
+            "spectral_penalty_batched_bwd": [("batched penalty full grad", (g, A, B, None, None, w_full, 1.0)),
+                                             ("batched penalty head grad", (g, Ah, Bh, Uh, Vh, w_head, 1.0))]}
 
 
 def _label(impl, what: str) -> str:

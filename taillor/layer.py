@@ -21,7 +21,8 @@ from ._sharded import full_tensor, gathered
 from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
-from .strength import dual_step, head_share
+from .protection import update_bases
+from .strength import adapt_strength, head_share
 
 # The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
 # adapter independent of the SVD routine's sign and basis choices.
@@ -87,11 +88,19 @@ class TailLoRLinear(nn.Module):
         # λ of this layer: config.penalty, or (head_share_target) adapted by a dual step per optimizer step.
         self.register_buffer("penalty_strength", torch.tensor(float(config.penalty), dtype=dtype,
                                                                device=base.device), persistent=False)
-        # A and B at the last dual step: the next step waits until the optimizer has changed them. Compared
-        # elementwise, which is exact in eager and compiled code alike (a reduction's rounding is not).
-        for name_, shape in (("strength_seen_A", shape_A), ("strength_seen_B", shape_B)):
-            self.register_buffer(name_, torch.full(shape if self.adapts_strength else (0,), math.nan, dtype=dtype,
-                                                   device=base.device), persistent=False)
+        # (energy, ‖ΔW‖²) at the last dual step: the next step waits until the optimizer has changed A or B, which
+        # changes them. Both come out of the penalty op, one opaque kernel in eager and compiled code alike, so the
+        # same A, B give the same bits in either (a reduction traced by the compiler might round otherwise).
+        self.register_buffer("strength_seen", torch.full((2,) if self.adapts_strength else (0,), math.nan,
+                                                         dtype=dtype, device=base.device), persistent=False)
+        # protect_tasks: orthonormal bases of the finished tasks' left and right subspaces, in A's and B's
+        # coordinates (see _refresh_protection); derived from consolidated_up/down, never saved.
+        self.register_buffer("protect_U", torch.zeros(shape_B[0], 0, dtype=dtype, device=base.device),
+                             persistent=False)
+        self.register_buffer("protect_V", torch.zeros(shape_A[1], 0, dtype=dtype, device=base.device),
+                             persistent=False)
+        self.register_buffer("protect_omega2", torch.zeros(0, dtype=self.frame.omega2.dtype, device=base.device),
+                             persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
         self.tasks_consolidated = 0
@@ -167,8 +176,10 @@ class TailLoRLinear(nn.Module):
                                                                     self.frame.V) if t is not None)
         cached = self._factor_cache
         if cached is None or cached[0] != key:
-            cached = self._factor_cache = (key, *self.frame_mode.layer_factors(self.lora_A, self.lora_B,
-                                                                               self.frame, dtype))
+            # Detached: in the head frame P is a view of A, and a view made under no_grad whose base the optimizer
+            # then changes in place makes the module impossible to deepcopy.
+            cached = self._factor_cache = (key, *(t.detach() for t in self.frame_mode.layer_factors(
+                self.lora_A, self.lora_B, self.frame, dtype)))
         return cached[1], cached[2]
 
     def delta_weight(self) -> Tensor:
@@ -190,7 +201,8 @@ class TailLoRLinear(nn.Module):
             return weight - self.delta_weight() if self.merged else weight
 
     def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
-        """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B.
+        """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B; with
+        ``config.protect_tasks`` plus λ·μ·(‖Q_Uᵀ ΔW‖²_F + ‖ΔW Q_V‖²_F) for the finished tasks' bases Q_U, Q_V.
 
         λ is ``penalty`` when given (e.g. ``config.penalty``, to read the reference value), else the layer's
         strength ``penalty_strength``: ``config.penalty``, or with ``config.head_share_target`` the adapted λ_l
@@ -198,18 +210,17 @@ class TailLoRLinear(nn.Module):
         dual step on λ_l if A or B changed since the last step: once per optimizer step, whatever the gradient
         accumulation.
         """
-        frame = self.frame
         # Under FSDP2 the parameters are sharded DTensors outside forward; A and B are small, so gather them
         # (differentiably: the backward reduce-scatters) rather than shard the r×r Gram computation.
         A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
-        U, V = self.frame_mode.penalty_frame(frame)
         s2 = self.scaling ** 2
         if penalty is not None or not self.adapts_strength:
             strength = self.config.penalty if penalty is None else penalty
-            return F.spectral_penalty(A, B, U, V, frame.omega2, strength * s2)
-        energy = F.spectral_penalty(A, B, U, V, frame.omega2, s2)
-        if self.training and torch.is_grad_enabled():
-            self._adapt_strength(energy.detach(), A.detach(), B.detach())
+            return self._protected_energy(A, B, strength * s2)
+        if not (self.training and torch.is_grad_enabled()):
+            return self.penalty_strength.clone() * self._protected_energy(A, B, s2)
+        energy, total = self._energies(A, B, s2)
+        self._adapt_strength(energy.detach(), total)
         return self.penalty_strength.clone() * energy
 
     @property
@@ -217,27 +228,60 @@ class TailLoRLinear(nn.Module):
         """Whether λ is adapted to ``config.head_share_target`` (else it is ``config.penalty``; 0 = off)."""
         return self.config.adapts_strength
 
+    @property
+    def protects_tasks(self) -> bool:
+        """Whether the penalty has a finished-task term now: ``config.protect_tasks`` with a weight > 0 and at
+        least one consolidated task with a nonzero update (decided by shapes only, so compiled code can trace it)."""
+        return self.config.protect_tasks and self.config.protect_tasks_weight > 0 and self.protect_U.shape[1] > 0
+
+    def _task_energy(self, A: Tensor, B: Tensor, coeff: float) -> Tensor:
+        """coeff·μ·(‖Q_Uᵀ ΔW‖² + ‖ΔW Q_V‖²)/s²: the head-frame Gram form with U_h := Q_U, V_h := Q_V, ω² = 1, exact in
+        both frames because the frame's U and V have orthonormal columns (full frame: Q_U, Q_V in spectral
+        coordinates)."""
+        return F.spectral_penalty(A, B, self.protect_U, self.protect_V, self.protect_omega2,
+                                  coeff * self.config.protect_tasks_weight)
+
+    def _protected_energy(self, A: Tensor, B: Tensor, coeff: float) -> Tensor:
+        """coeff·(head energy + μ·task energy), 0-dim, differentiable (the paper's penalty when nothing is
+        protected beyond the head)."""
+        U, V = self.frame_mode.penalty_frame(self.frame)
+        energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, coeff)
+        if self.protects_tasks:
+            energy = energy + self._task_energy(A, B, coeff)
+        return energy
+
+    def _energies(self, A: Tensor, B: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
+        """(coeff·protected energy (differentiable), coeff·‖B A‖² (detached)): one penalty call gives the head
+        energy and the update's energy from the same Gram matrices."""
+        U, V = self.frame_mode.penalty_frame(self.frame)
+        energy, total = F.spectral_penalty_batched(A, B, U, V, self.frame.omega2, coeff)
+        if self.protects_tasks:
+            energy = energy + self._task_energy(A, B, coeff)
+        return energy, total
+
     def head_share(self) -> Tensor:
         """The current update's ω²-weighted share of energy in the pre-trained head (:func:`strength.head_share`),
-        a 0-dim tensor in [0, 1]; 0 while ΔW = 0."""
+        a 0-dim tensor in [0, 1]; 0 while ΔW = 0. The finished tasks' term (``protect_tasks``) is not counted."""
         with torch.no_grad():
             A, B = full_tensor(self.lora_A), full_tensor(self.lora_B)
             U, V = self.frame_mode.penalty_frame(self.frame)
-            energy = F.spectral_penalty(A, B, U, V, self.frame.omega2, self.scaling ** 2)
-            return head_share(energy, self._update_energy(A, B))
+            return head_share(*F.spectral_penalty_batched(A, B, U, V, self.frame.omega2, 1.0))
 
-    def _update_energy(self, A: Tensor, B: Tensor) -> Tensor:
-        """‖ΔW‖²_F = s²·⟨A Aᵀ, Bᵀ B⟩ (U and V have orthonormal columns), without forming ΔW."""
-        return self.scaling ** 2 * ((A @ A.t()) * (B.t() @ B)).sum()
+    def _adapt_strength(self, energy: Tensor, total: Tensor) -> None:
+        adapt_strength(self.penalty_strength, self.strength_seen, energy, total, self.config.head_share_target,
+                       self.config.penalty)
 
-    def _adapt_strength(self, energy: Tensor, A: Tensor, B: Tensor) -> None:
+    def _refresh_protection(self) -> None:
+        """Recompute the finished tasks' bases from ``consolidated_up`` / ``consolidated_down`` (after a
+        consolidation or a load): Q_U and Q_V span the column and row spaces of everything the finished tasks
+        learned, up·down, expressed in B's and A's coordinates (:func:`update_bases`)."""
+        if not self.config.protect_tasks:
+            return
         with torch.no_grad():
-            changed = (A != self.strength_seen_A).any() | (B != self.strength_seen_B).any()
-            self.strength_seen_A.copy_(A)
-            self.strength_seen_B.copy_(B)
-            total = self._update_energy(A, B)
-            dual_step(self.penalty_strength, head_share(energy, total), changed & (total > 0),
-                      self.config.head_share_target, self.config.penalty)
+            A_c, B_c = self.frame_mode.trainable_factors(self.consolidated_down.t(), self.consolidated_up, self.frame)
+            self.protect_U, self.protect_V = update_bases(B_c, A_c)
+            self.protect_omega2 = torch.ones(self.protect_U.shape[1], dtype=self.frame.omega2.dtype,
+                                             device=self.frame.omega2.device)
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -289,6 +333,7 @@ class TailLoRLinear(nn.Module):
         self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
         self.merged = False
         self.tasks_consolidated += 1
+        self._refresh_protection()
         self.reset_adapter()
 
     # ------------------------------------------------------------------------------------------------------
@@ -327,6 +372,7 @@ class TailLoRLinear(nn.Module):
             self.base.fold(up[:, task * r:(task + 1) * r], down[task * r:(task + 1) * r])
         self.consolidated_up, self.consolidated_down = up.contiguous(), down.contiguous()
         self.tasks_consolidated = meta["tasks_consolidated"]
+        self._refresh_protection()
         P, Q = (tensors[part].to(device=device, dtype=dtype) for part in ("lora_P", "lora_Q"))
         A, B = self.frame_mode.trainable_factors(P, Q, self.frame)
         with torch.no_grad():

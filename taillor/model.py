@@ -16,6 +16,7 @@ from .frame import SpectralFrame, build_frames as _build_frames, frame_bytes
 from .frame.cache import cache_limit_bytes
 from .frame.footprint import LayerShape, apply_footprint
 from .layer import TailLoRLinear
+from .penalty_groups import grouped_penalty
 
 _OUTPUT_HEAD_NAMES = ("lm_head",)
 
@@ -195,13 +196,12 @@ def spectral_penalty(model: nn.Module, penalty: float | None = None) -> torch.Te
     """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): add it to the task loss yourself (never done
     behind your back). λ is each layer's strength (``config.penalty``, or its adapted λ with
     ``head_share_target``), or ``penalty`` for all layers when given (e.g. ``config.penalty``, the value of the
-    fixed-strength formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B."""
-    layers = require_taillor_layers(model, "spectral_penalty")
-    device = layers[0][1].lora_A.device
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for _, layer in layers:
-        total = total + layer.spectral_penalty(penalty).to(device=device, dtype=torch.float32)
-    return total
+    fixed-strength formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B.
+
+    Same-shaped layers run as one batched call per group, dual step included (:mod:`taillor.penalty_groups`): the
+    first call stacks their frames and re-points each layer's frame buffers to its slice (no second copy)."""
+    layers = [layer for _, layer in require_taillor_layers(model, "spectral_penalty")]
+    return grouped_penalty(model, layers, penalty, layers[0].lora_A.device)
 
 
 def consolidate(model: nn.Module) -> int:

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import backends
 from .eager import randomized_svd as eager_rsvd
 from .eager import spectral_penalty as eager_penalty
+from .eager import spectral_penalty_batched as eager_penalty_batched
 from .eager import spectral_projection as eager_projection
 from .eager import tail_adapter as eager_adapter
 
@@ -153,6 +154,35 @@ _register_device_kernel(spectral_penalty_bwd, "spectral_penalty_bwd", ref=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# spectral_penalty_batched: L layers of one shape, (value, total = c·‖B A‖²) per layer
+# ---------------------------------------------------------------------------------------------------------------
+@custom_op("taillor::spectral_penalty_batched_fwd", mutates_args=())
+def spectral_penalty_batched_fwd(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
+                                 coeff: float) -> tuple[Tensor, Tensor]:
+    return eager_penalty_batched.spectral_penalty_batched_forward(A, B, U, V, omega2, coeff)
+
+
+@spectral_penalty_batched_fwd.register_fake
+def _(A, B, U, V, omega2, coeff):
+    return A.new_empty(A.shape[:-2]), A.new_empty(A.shape[:-2])
+
+
+@custom_op("taillor::spectral_penalty_batched_bwd", mutates_args=())
+def spectral_penalty_batched_bwd(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
+                                 omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
+    return eager_penalty_batched.spectral_penalty_batched_backward(grad, A, B, U, V, omega2, coeff)
+
+
+@spectral_penalty_batched_bwd.register_fake
+def _(grad, A, B, U, V, omega2, coeff):
+    return A.new_empty(A.shape), B.new_empty(B.shape)
+
+
+_register_device_kernel(spectral_penalty_batched_fwd, "spectral_penalty_batched_fwd", ref=0)
+_register_device_kernel(spectral_penalty_batched_bwd, "spectral_penalty_batched_bwd", ref=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # randomized_svd: the CUDA extension on CUDA tensors when built (and allowed), the eager implementation otherwise
 # ---------------------------------------------------------------------------------------------------------------
 @custom_op("taillor::randomized_svd", mutates_args=())
@@ -173,4 +203,6 @@ _register_device_kernel(randomized_svd_op, "randomized_svd", ref=0)
 OPS = {"tail_adapter_fwd": tail_adapter_fwd, "tail_adapter_bwd": tail_adapter_bwd,
        "spectral_projection_fwd": spectral_projection_fwd, "spectral_projection_bwd": spectral_projection_bwd,
        "spectral_penalty_fwd": spectral_penalty_fwd, "spectral_penalty_bwd": spectral_penalty_bwd,
+       "spectral_penalty_batched_fwd": spectral_penalty_batched_fwd,
+       "spectral_penalty_batched_bwd": spectral_penalty_batched_bwd,
        "randomized_svd": randomized_svd_op}

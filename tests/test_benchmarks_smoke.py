@@ -173,7 +173,7 @@ def test_memory_probe_runs_and_its_estimate_counts_the_frames(base):
     frames = sum(sum(t.numel() * t.element_size() for t in (l.frame.U, l.frame.S, l.frame.V, l.frame.omega2))
                  for _, l in taillor.iter_taillor_layers(model))
     factors = sum(t.numel() * t.element_size() for _, l in taillor.iter_taillor_layers(model)
-                  for t in (l.lora_A, l.lora_B, l.strength_seen_A, l.strength_seen_B))
+                  for t in (l.lora_A, l.lora_B, l.strength_seen))
     assert estimate["frames"] == row["estimate"]["frames"] == frames and estimate["factors"] == factors
     assert {l.frame.U.dtype for _, l in taillor.iter_taillor_layers(model)} == {
         torch.bfloat16 if base == "bf16" else torch.float32}

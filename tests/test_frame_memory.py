@@ -113,8 +113,8 @@ def several_layers():
 @pytest.mark.parametrize("frame, penalty", [("full", 0.1), ("head", 0.1), ("head", 0.0)])
 @pytest.mark.parametrize("cache_mb", ["1024", "0.05", "0"])
 def test_apply_memory_estimate_counts_what_applying_keeps(frame, penalty, cache_mb, monkeypatch):
-    """The estimate's frames, factors (with an adapting λ's copies of A, B; none at penalty 0) and frame-cache
-    copies are the bytes applying leaves (the cache's LRU replayed: 0.05 MB holds some frames, not all)."""
+    """The estimate's frames, factors (with an adapting λ's two numbers of its last step; none at penalty 0) and
+    frame-cache copies are the bytes applying leaves (the cache's LRU replayed: 0.05 MB holds some frames, not all)."""
     monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", cache_mb)
     taillor.clear_frame_cache()
     model = several_layers()
@@ -125,7 +125,7 @@ def test_apply_memory_estimate_counts_what_applying_keeps(frame, penalty, cache_
     layers = [layer for _, layer in taillor.iter_taillor_layers(model)]
     assert estimate["frames"] == sum(frame_nbytes(model).values())
     assert estimate["factors"] == sum(t.numel() * t.element_size() for l in layers for t in (
-        l.lora_A, l.lora_B, l.strength_seen_A, l.strength_seen_B))
+        l.lora_A, l.lora_B, l.strength_seen))
     assert estimate["frame_cache"] == FRAME_CACHE._bytes
     if cache_mb == "0.05":
         assert 0 < FRAME_CACHE._bytes < estimate["frames"]

@@ -11,6 +11,7 @@ closest neighbour) and may have native ones. Each backend registers its implemen
                                                      split.py (route split)
     spectral_projection_fwd/_bwd eager.py            triton.py
     spectral_penalty_fwd / _bwd  eager.py            triton.py
+    spectral_penalty_batched_*   eager.py            triton.py
     randomized_svd               eager.py                                     cuda_ext.py
     ===========================  ==================  =======================  ======================
 

@@ -13,7 +13,9 @@ for _op, _launcher, _route in (("tail_adapter_fwd", "tail_adapter_forward", "fus
                                ("spectral_projection_fwd", "spectral_projection_forward", None),
                                ("spectral_projection_bwd", "spectral_projection_backward", None),
                                ("spectral_penalty_fwd", "spectral_penalty_forward", None),
-                               ("spectral_penalty_bwd", "spectral_penalty_backward", None)):
+                               ("spectral_penalty_bwd", "spectral_penalty_backward", None),
+                               ("spectral_penalty_batched_fwd", "spectral_penalty_batched_forward", None),
+                               ("spectral_penalty_batched_bwd", "spectral_penalty_batched_backward", None)):
     register_impl(_op, "triton" if _route is None else f"triton-{_route}", ("cuda",),
                   (lambda name=_launcher: getattr(triton_kernels(), name)), family="triton", dtypes=FLOAT_DTYPES,
                   route=_route, available=triton_unavailable)

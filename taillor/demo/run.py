@@ -176,10 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lr-lora", float, "PEFT LoRA learning rate"),
                              ("lr-full", float, "learning rate of full fine-tuning"),
                              ("lr-head", float, "learning rate of the task heads"),
-                             ("alpha", float, "adapter alpha (TailLoR and LoRA)")):
+                             ("alpha", float, "adapter alpha (TailLoR and LoRA)"),
+                             ("protect-tasks-weight", float, "TailLoR weight of the finished tasks' directions "
+                                                             "(with --protect-tasks)")):
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
     p.add_argument("--fixed-penalty", action="store_true",
                    help="TailLoR with a fixed λ (--penalty) instead of the head-share target")
+    p.add_argument("--protect-tasks", action="store_true",
+                   help="TailLoR also protects the directions of the tasks it finished (TailLoRConfig.protect_tasks)")
     return p
 
 
@@ -205,11 +209,13 @@ def settings_from_args(args) -> DemoSettings:
     if args.lr is not None:
         overrides.update(lr_taillor_full=args.lr, lr_taillor_head=args.lr)
     for key in ("steps", "head", "penalty", "head_share_target", "lr_taillor_full", "lr_taillor_head", "lr_lora",
-                "lr_full", "lr_head", "alpha"):
+                "lr_full", "lr_head", "alpha", "protect_tasks_weight"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.fixed_penalty:
         overrides["head_share_target"] = None
+    if args.protect_tasks:
+        overrides["protect_tasks"] = True
     settings = replace(settings, **overrides)
     settings.taillor_config("full", 0)  # TailLoRConfig validates the TailLoR options before anything runs
     return settings

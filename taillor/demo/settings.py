@@ -59,6 +59,8 @@ class DemoSettings:
     penalty: float = _LIBRARY["penalty"]
     head_share_target: Optional[float] = _LIBRARY["head_share_target"]
     init: str = _LIBRARY["init"]
+    protect_tasks: bool = _LIBRARY["protect_tasks"]
+    protect_tasks_weight: float = _LIBRARY["protect_tasks_weight"]
     seeds: int = 3
     methods: tuple = METHODS
     workers: int = 2            # processes that run methods side by side, one torch thread each
@@ -71,7 +73,8 @@ class DemoSettings:
         """The TailLoRConfig of the TailLoR methods under these settings."""
         return TailLoRConfig(rank=self.rank, alpha=self.alpha, target_modules=list(self.targets), frame=frame,
                              head=self.head, penalty=self.penalty, init=self.init, seed=seed,
-                             head_share_target=self.head_share_target)
+                             head_share_target=self.head_share_target, protect_tasks=self.protect_tasks,
+                             protect_tasks_weight=self.protect_tasks_weight)
 
 
 # --quick: <= 5 min on 2 CPU cores (two workers with one torch thread each; measured, see README). Full fine-tuning,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 
-def _in_compute_dtype(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
+def in_compute_dtype(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                       omega2: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """A, B, U, V in the dtype the penalty is computed in: theirs, or ω²'s when it is wider (float16/bfloat16
     factors with float32 ω² are computed in float32, as the Triton kernel does). A no-op for float32 factors."""
@@ -25,7 +25,7 @@ def _in_compute_dtype(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Ten
     return A.to(dtype), B.to(dtype), None if U is None else U.to(dtype), None if V is None else V.to(dtype)
 
 
-def _head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(B_h, A_h): B and A seen in the head coordinates (identity in full mode)."""
     if U is None:
         return B, A
@@ -35,8 +35,8 @@ def _head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Ten
 def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
                              coeff: float) -> Tensor:
     out_dtype = A.dtype
-    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = _head_coordinates(A, B, U, V)
+    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
+    B_h, A_h = head_coordinates(A, B, U, V)
     gram_A = A @ A.t()
     gram_B = B.t() @ B
     left = (B_h.t() * omega2) @ B_h
@@ -47,8 +47,8 @@ def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optio
 def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                               omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
     out_dtype = A.dtype
-    A, B, U, V = _in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = _head_coordinates(A, B, U, V)
+    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
+    B_h, A_h = head_coordinates(A, B, U, V)
     factor = 2.0 * coeff * grad
     gram_A = A @ A.t()
     gram_B = B.t() @ B
@@ -63,3 +63,4 @@ def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Te
         dA = left @ A + (gram_B @ weighted_A_h) @ V.t()
         dB = U @ (weighted_B_h @ gram_A) + B @ right
     return (dA * factor).to(out_dtype), (dB * factor).to(out_dtype)
+

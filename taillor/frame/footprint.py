@@ -41,8 +41,8 @@ class LayerShape(NamedTuple):
 
 def apply_footprint(layers: Mapping[str, LayerShape], config: TailLoRConfig, cache_limit: int) -> dict[str, int]:
     """Bytes of applying TailLoR to ``layers`` (name -> LayerShape) with an empty frame cache of ``cache_limit``
-    bytes: ``frames``, ``frame_cache`` (the cache's copies left at the end), ``factors`` (A and B, twice when λ
-    adapts to ``head_share_target``: the layer keeps them as of λ's last step), ``kept`` (their sum: what applying
+    bytes: ``frames``, ``frame_cache`` (the cache's copies left at the end), ``factors`` (A and B, and the two
+    numbers an adapting λ keeps from its last step), ``kept`` (their sum: what applying
     leaves allocated) and ``peak`` (the most allocated at once while applying)."""
     sizes = {name: frame_bytes(s.d_out, s.d_in, s.dtype, config, name) for name, s in layers.items()}
     cache = _CacheReplay(cache_limit)
@@ -111,8 +111,8 @@ def _svd_transient_bytes(batch: int, s: LayerShape, sketched_head: Optional[int]
 def _factor_bytes(s: LayerShape, config: TailLoRConfig, name: str) -> int:
     k = frame_size(s.d_out, s.d_in, config, name)
     shape_A, shape_B = frame_mode(config.frame).factor_shapes(config.rank, k, s.d_in, s.d_out)
-    copies = 2 if config.adapts_strength else 1  # an adapting λ keeps A and B as of its last step
-    return copies * (shape_A[0] * shape_A[1] + shape_B[0] * shape_B[1]) * _math_bytes(s)
+    seen = 2 if config.adapts_strength else 0  # an adapting λ keeps (energy, ‖ΔW‖²) of its last step
+    return (shape_A[0] * shape_A[1] + shape_B[0] * shape_B[1] + seen) * _math_bytes(s)
 
 
 def _math_bytes(s: LayerShape) -> int:
