@@ -21,8 +21,9 @@ from ._version import __version__
 from ._files import atomic_save_json, atomic_save_safetensors
 from ._sharded import local_device, reshard, write_once
 from .config import TailLoRConfig
-from .layer import RECORD_TENSORS, TailLoRLinear, check_record
+from .layer import TailLoRLinear
 from .model import apply_taillor, find_target_modules, iter_taillor_layers, require_taillor_layers
+from .record import RECORD_TENSORS, check_record
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
