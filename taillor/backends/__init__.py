@@ -102,6 +102,20 @@ def register_impl(op: str, backend: str, devices: tuple[str, ...], load: Callabl
     _resolve.cache_clear()
 
 
+def unregister_impl(op: str, backend: str) -> None:
+    """Remove implementation ``backend`` of ``op`` (plugins and tests); its device kernels stay bound (they ask
+    the registry at every call, which then no longer offers it)."""
+    impls = _REGISTRY.get(op, [])
+    kept = [i for i in impls if i.backend != backend]
+    if len(kept) == len(impls):
+        raise KeyError(f"op {op!r} has no {backend!r} implementation")
+    if kept:
+        _REGISTRY[op] = kept
+    else:
+        del _REGISTRY[op]
+    _resolve.cache_clear()
+
+
 def bind(op_name: str, op, kernel: Callable) -> None:
     """Register ``kernel`` (which asks :func:`impl_for`) as ``op``'s kernel, through torch.library, for every
     device type an implementation of ``op_name`` names (meta excepted: it is the op's fake implementation)."""
