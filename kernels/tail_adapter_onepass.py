@@ -24,7 +24,7 @@ column chunk j (whole BLOCK_N blocks). For each row block m of its chunk it accu
 G_j[m] = Σ_{n in chunk j} dy[m, n] Q[n] in registers and stores it to the fp32 workspace Gw[j]; for each tile it
 adds dy[m, n]ᵀ S[m] to its own slice Qw[i, n] of the dQ workspace (read-modify-write: the slice belongs to this
 program alone, and a barrier after each row block orders its rewrites). The host sums Gw over j and Qw over i:
-deterministic, no atomics. The grid is chosen so that n_i·n_j ≈ 2 × the SM count with n_i / n_j ≈ T / d_out,
+deterministic, no atomics. The grid is chosen so that n_i·n_j ≈ the SM count with n_i / n_j ≈ T / d_out,
 which minimises the workspaces (n_j·T + n_i·d_out)·r fp32 for that many programs.
 
 Precision: fp32 accumulation; G and the partials stay fp32; the tile operands go to tl.dot in the inputs' 16-bit
@@ -86,13 +86,14 @@ def _dy_pass_kernel(dy_ptr, q_ptr, s_ptr, gw_ptr, qw_ptr, T, N, R,
 
 
 def dy_pass_grid(T: int, N: int, sm_count) -> tuple[int, int]:
-    """(n_i, n_j) programs of the dy pass: about 2 per SM, n_i / n_j ≈ T / N (the smallest workspaces for that
+    """(n_i, n_j) programs of the dy pass: about one per SM (the fewer programs, the smaller the workspaces; each
+    streams whole tiles of dy), n_i / n_j ≈ T / N (the smallest workspaces for that
     many programs), never more chunks than 64-row / 128-column blocks. Without a device (the interpreter) chunks
     of two blocks each way, so that the tests run the read-modify-write and both reductions."""
     if not sm_count:
         return (max(1, triton.cdiv(T, 2 * DY_PASS_INTERPRET_CONFIG["BLOCK_M"])),
                 max(1, triton.cdiv(N, 2 * DY_PASS_INTERPRET_CONFIG["BLOCK_N"])))
-    programs = 2 * sm_count
+    programs = sm_count
     n_j = max(1, min(triton.cdiv(N, 128), round(math.sqrt(programs * N / max(T, 1)))))
     n_i = max(1, min(triton.cdiv(T, 64), triton.cdiv(programs, n_j)))
     return n_i, n_j
