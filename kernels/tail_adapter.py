@@ -33,7 +33,10 @@ go to tl.dot in their own dtype (tensor cores; s·S and s·G are rounded to that
 K-chunk, as eager PyTorch rounds S and G) and fp32 operands use IEEE fp32 dots (no TF32), matching
 PyTorch's default. Under TRITON_INTERPRET=1 every operand is upcast to fp32 before arithmetic.
 
-The split route (kernels/tail_adapter_split.py) computes the same outputs with cuBLAS for the base products.
+The split route (kernels/tail_adapter_split.py) computes the same outputs with cuBLAS for the base products; the
+onepass route (kernels/tail_adapter_onepass.py) runs this forward, and in its backward reads dy once for G and dQ
+and folds dP into this GEMM (``HAS_FOLD``: each program also reads its tile of x_a and writes that row block's
+partial of x_aᵀ G, so x_a gets no pass of its own).
 """
 import torch
 import triton
