@@ -1,7 +1,8 @@
 """The tail adapter op, y = x Wᵀ + b + s·(x_a P) Qᵀ, against the dense float64 oracle.
 
 Layer level: TailLoRLinear forward/backward, both frames, all dtypes, odd shapes, dropout, autocast, gradcheck;
-with the Triton backend forced (both routes) the layer matches the oracle at least as well as the eager path.
+with the Triton backend forced (each route: split, fused, onepass) the layer matches the oracle at least as well as
+the eager path.
 Launcher level: every implementation on this machine (eager; the Triton routes in the interpreter; compiled on
 a GPU, marked ``gpu``) — every output, the schema's empty outputs, zero tokens, strided factors, argument checks.
 """
