@@ -168,6 +168,20 @@ GEMM_16BIT_CONFIGS = GEMM_CONFIGS + [
 ]
 GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 GEMM_MAX_BLOCK_R = 64  # the rank chunk of the fused GEMM's extra K-chunk
+# The fused GEMM with a fold (the onepass route's dx GEMM also writing dP's row-block partials): its workspace
+# has one slice per row block, so every config of such a launch has this BLOCK_M (the interpreter's too).
+FOLD_BLOCK_M = 128
+
+# One pass over dy (kernels/tail_adapter_onepass.py): (BLOCK_M, BLOCK_N) tiles of dy, the rank padded to
+# BLOCK_R <= ONEPASS_MAX_R (wider ranks take the fused route's backward). Loads are not pipelined across the
+# read-modify-write of the dQ partials, so each config holds one dy tile and one Q tile at a time.
+DY_PASS_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+]
+DY_PASS_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}
+ONEPASS_MAX_R = 64
 
 
 def gemm_configs(dtype: torch.dtype) -> list[triton.Config]:
@@ -193,6 +207,8 @@ def split_count(programs: int, k_len: int, sm_count: Optional[int]) -> int:
 def smem_estimate(config: triton.Config, itemsize: int, n_width: int = 0) -> int:
     """Pipelined operand buffers of a GEMM-like config: (BLOCK_M + BLOCK_N)·BLOCK_K·itemsize per stage."""
     kw = config.kwargs
+    if "BLOCK_K" not in kw:  # a tile kernel without a K loop (the dy pass): a dy tile and an (BLOCK_N, n_width) one
+        return (kw["BLOCK_M"] + n_width) * kw["BLOCK_N"] * itemsize * max(config.num_stages, 1)
     return (kw["BLOCK_M"] + kw.get("BLOCK_N", n_width)) * kw["BLOCK_K"] * itemsize * max(config.num_stages, 1)
 
 

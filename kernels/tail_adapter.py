@@ -33,27 +33,32 @@ go to tl.dot in their own dtype (tensor cores; s·S and s·G are rounded to that
 K-chunk, as eager PyTorch rounds S and G) and fp32 operands use IEEE fp32 dots (no TF32), matching
 PyTorch's default. Under TRITON_INTERPRET=1 every operand is upcast to fp32 before arithmetic.
 
-The split route (kernels/tail_adapter_split.py) computes the same outputs with cuBLAS for the base products.
+The split route (kernels/tail_adapter_split.py) computes the same outputs with cuBLAS for the base products; the
+onepass route (kernels/tail_adapter_onepass.py) runs this forward, and in its backward reads dy once for G and dQ
+and folds dP into this GEMM (``HAS_FOLD``: each program also reads its tile of x_a and writes that row block's
+partial of x_aᵀ G, so x_a gets no pass of its own).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .checks import check_adapter_backward_inputs, check_adapter_inputs
-from .launch import (GEMM_INTERPRET_CONFIG, GEMM_MAX_BLOCK_R, TL_DTYPES, empty_output, fitting, gemm_configs,
-                     interpreting, launch, pow2_block)
+from .launch import (FOLD_BLOCK_M, GEMM_INTERPRET_CONFIG, GEMM_MAX_BLOCK_R, TL_DTYPES, empty_output, fitting,
+                     gemm_configs, interpreting, launch, pow2_block)
 from .pair_gemm import Term, accumulate_product, launch_pair
 
 
 @triton.jit
-def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
+def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr, e_ptr, ws_ptr,
                       M, N, K, R,
-                      s_am, s_ak, s_bn, s_bk, s_cm, s_cr, s_dn, s_dr, s_om, s_on,
+                      s_am, s_ak, s_bn, s_bk, s_cm, s_cr, s_dn, s_dr, s_om, s_on, s_em, s_en, s_wb, s_wn,
                       scale,
-                      HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_FOLD: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # out (M, N) = A (M, K) · Bᵀ (K, N) + scale · C (M, R) · Dᵀ (R, N) + bias (N), fp32 accumulation.
+    # HAS_FOLD (needs HAS_LOWRANK): also ws[pid_m, n, r] = Σ_{m in this row block} E[m, n] · C[m, r], the
+    # row block's partial of Eᵀ C (N, R); E (M, N) is read once over the whole grid (see the onepass route).
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -83,6 +88,12 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             d = tl.load(d_ptr + (r0 + offs_r)[:, None] * s_dr + offs_n[None, :] * s_dn,
                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            if HAS_FOLD:
+                e = tl.load(e_ptr + offs_m[:, None] * s_em + offs_n[None, :] * s_en,
+                            mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+                part = tl.dot(tl.trans(e), c.to(DOT_DTYPE), input_precision="ieee")
+                tl.store(ws_ptr + pid_m.to(tl.int64) * s_wb + offs_n[:, None] * s_wn + (r0 + offs_r)[None, :],
+                         part, mask=mask_n[:, None] & mask_r[None, :])
             c = (c.to(tl.float32) * scale).to(DOT_DTYPE)
             acc = tl.dot(c, d.to(DOT_DTYPE), acc, input_precision="ieee")
 
@@ -93,9 +104,11 @@ def _tail_gemm_kernel(a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
+def launch_gemm(out, a, b_t, c, d, bias, scale, site, fold=None):
     """out = a @ b_t + scale · c @ dᵀ + bias. ``b_t`` is the (K, N) right operand as a strided view;
-    c (M, R) and d (N, R) may be None (no low-rank chunk)."""
+    c (M, R) and d (N, R) may be None (no low-rank chunk). ``fold`` = (e (M, N), ws (cdiv(M, FOLD_BLOCK_M), N, R)
+    fp32) also writes each row block's partial of eᵀ c into ws (the caller sums ws over its first axis); the
+    launch then tunes over the configs with BLOCK_M = FOLD_BLOCK_M only, which ws was sized for."""
     M, N = out.shape
     if M == 0 or N == 0:
         return
@@ -104,19 +117,24 @@ def _launch_gemm(out, a, b_t, c, d, bias, scale, site):
     R = c.shape[1] if has_lowrank else 0
     cc = c if has_lowrank else out
     dd = d if has_lowrank else out
-    args = (a, b_t, cc, dd, out if bias is None else bias, out, M, N, K, R,
+    e, ws = fold if fold is not None else (out, out)
+    args = (a, b_t, cc, dd, out if bias is None else bias, out, e, ws, M, N, K, R,
             a.stride(0), a.stride(1), b_t.stride(1), b_t.stride(0),
             cc.stride(0), cc.stride(1), dd.stride(0), dd.stride(1), out.stride(0), out.stride(1),
-            float(scale))
+            e.stride(0), e.stride(1), ws.stride(0), ws.stride(1), float(scale))
     dot = tl.float32 if interpreting() else TL_DTYPES[out.dtype]
-    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, DOT_DTYPE=dot,
+    flags = dict(HAS_BIAS=bias is not None, HAS_LOWRANK=has_lowrank, HAS_FOLD=fold is not None, DOT_DTYPE=dot,
                  BLOCK_R=pow2_block(R, GEMM_MAX_BLOCK_R))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    configs = fitting(gemm_configs(out.dtype), out.device, out.element_size())
-    launch(_tail_gemm_kernel, grid, args, flags, configs, GEMM_INTERPRET_CONFIG, (M, N, K, R), site,
+    configs = gemm_configs(out.dtype)
+    if fold is not None:
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] == FOLD_BLOCK_M]
+    configs = fitting(configs, out.device, out.element_size())
+    interpret_config = GEMM_INTERPRET_CONFIG if fold is None else {**GEMM_INTERPRET_CONFIG, "BLOCK_M": FOLD_BLOCK_M}
+    launch(_tail_gemm_kernel, grid, args, flags, configs, interpret_config, (M, N, K, R), site,
            (out.element_size(), 0))
 
 
@@ -134,7 +152,7 @@ def tail_adapter_forward(x, weight, bias, P, Q, scale, x_adapter=None):
     S = torch.empty((T, r), device=x.device, dtype=x.dtype)
     y = torch.empty((T, d_out), device=x.device, dtype=x.dtype)
     launch_pair(S, [Term(x_a, P)], site="adapter S = x_a P")
-    _launch_gemm(y, x, weight.t(), S, Q, bias, scale, "fused y = x Wt + s S Qt + b")
+    launch_gemm(y, x, weight.t(), S, Q, bias, scale, "fused y = x Wt + s S Qt + b")
     return y, S
 
 
@@ -167,9 +185,9 @@ def tail_adapter_backward(dy, x, weight, S, P, Q, scale, x_adapter=None,
     if need_dx:
         dx = torch.empty((T, d_in), device=dev, dtype=x.dtype)
         if x_adapter is None:
-            _launch_gemm(dx, dy, weight, G, P, None, scale, "fused dx = dy W + s G Pt")
+            launch_gemm(dx, dy, weight, G, P, None, scale, "fused dx = dy W + s G Pt")
         else:
-            _launch_gemm(dx, dy, weight, None, None, None, scale, "fused dx = dy W")
+            launch_gemm(dx, dy, weight, None, None, None, scale, "fused dx = dy W")
             dx_adapter = torch.empty((T, d_in), device=dev, dtype=x.dtype)
-            _launch_gemm(dx_adapter, dy[:, :0], weight[:0], G, P, None, scale, "fused dx_a = s G Pt")
+            launch_gemm(dx_adapter, dy[:, :0], weight[:0], G, P, None, scale, "fused dx_a = s G Pt")
     return dx, dP, dQ, dx_adapter

@@ -14,7 +14,8 @@ derivation); only the work split differs. x (T, d_in), frozen W (d_out, d_in), P
 Why a second route: the fused kernel replaces cuBLAS for the base GEMM with a Triton GEMM, which may be slower than
 cuBLAS on a given GPU; the split route keeps cuBLAS and pays two extra passes over y and dx (2·T·d_out + 2·T·d_in
 elements). Which is faster is measured by ``benchmarks/gpu_check.sh``; until a GPU measurement exists the split
-route is the default (taillor.backends). G is stored in x's dtype (rounded as eager PyTorch rounds it), so the
+route is what ``TAILLOR_ADAPTER_IMPL=auto`` runs for layer steps below the onepass route's size rule
+(taillor/backends/onepass.py). G is stored in x's dtype (rounded as eager PyTorch rounds it), so the
 cuBLAS update takes it directly.
 """
 import torch

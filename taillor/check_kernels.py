@@ -5,10 +5,19 @@ model layer and are recorded instead of launched. Each distinct specialization i
 launcher would compile it — the signature and attributes (pointer alignment, integers divisible by 16, integers
 equal to 1 as constants) come from Triton's run-time specialization code applied to the recorded arguments — with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, which needs no GPU (only the PTX assembler
-that ships with Triton). A launch site tunes over a list of configs; the one with the largest shared-memory
-footprint is compiled (compilation succeeds even when a kernel asks for more shared memory than the device has,
-so the compiled ``metadata.shared`` is compared with each architecture's per-block limit). Prints one table row
-per (kernel, call site, dtype, arch) and returns non-zero if any compilation fails or exceeds the limit.
+that ships with Triton). A launch site tunes over a list of configs; every config run time could pick on an
+architecture (those whose estimated shared memory fits its limit, :func:`configs_for`) is compiled, and each
+compiled ``metadata.shared`` is compared with the architecture's per-block limit (compilation succeeds even when a
+kernel asks for more than the device has). Prints one table row per (kernel, call site, dtype, arch, config) and
+returns non-zero if any compilation fails or exceeds the limit. ``--largest-only`` compiles only the config with
+the largest shared-memory footprint per site (the quick check).
+
+Another Triton (the GPU machine's, e.g. 3.6 with torch 2.11): the same check runs from a second environment,
+
+    python -m venv /tmp/t36 && /tmp/t36/bin/pip install "torch==2.11.*" "triton==3.6.*" numpy
+    /tmp/t36/bin/pip install --no-deps -e . && /tmp/t36/bin/python -m taillor.check_kernels
+
+(``--no-deps``: the rest of taillor's dependencies are not needed to record and compile the launches).
 """
 import argparse
 import concurrent.futures
@@ -66,8 +75,19 @@ def config_for(entry, cc):
     return max(kept, key=lambda c: smem_estimate(c, itemsize, n_width))
 
 
-def compile_entry(entry, cc):
-    """Compile one specialization for compute capability ``cc`` as Triton's launcher would; returns metadata."""
+def configs_for(entry, cc):
+    """Every config run time could pick on ``cc``: the launchers drop configs whose estimated shared memory
+    exceeds the device's limit, then tune over the rest."""
+    from taillor._kernels.launch import configs_within
+    if len(entry["configs"]) == 1:
+        return list(entry["configs"])
+    itemsize, n_width = entry["smem"]
+    return configs_within(entry["configs"], SHARED_LIMITS[cc], itemsize, n_width)
+
+
+def compile_entry(entry, cc, config=None):
+    """Compile one specialization for compute capability ``cc`` as Triton's launcher would, with ``config``
+    (default: :func:`config_for`'s); returns the compiled metadata."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -77,7 +97,7 @@ def compile_entry(entry, cc):
         raise RuntimeError(f"triton {triton.__version__} has no runtime.jit.create_function_from_signature: "
                            "check-kernels reproduces run-time specialization with Triton 3.8's binder") from err
 
-    fn, config = entry["kernel"], config_for(entry, cc)
+    fn, config = entry["kernel"], config if config is not None else config_for(entry, cc)
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
     kwargs = {**entry["constexprs"], **config.kwargs, "num_warps": config.num_warps,
@@ -98,18 +118,25 @@ def _rerun_without_interpreter(argv):
 _ENTRIES = None
 
 
-def _build(index, cc, only):
-    """Compile entry ``index`` for ``cc``: (shared bytes, num_warps, error or None). Runs in a worker."""
+def _build(index, cc, config_index, only):
+    """Compile entry ``index`` for ``cc`` with its ``config_index``-th config of :func:`configs_for` (None: the
+    largest): (shared bytes, num_warps, error or None). Runs in a worker."""
     global _ENTRIES
     if _ENTRIES is None:
         _ENTRIES = _selected(only)
     entry = _ENTRIES[index]
+    config = config_for(entry, cc) if config_index is None else configs_for(entry, cc)[config_index]
     try:
-        meta = compile_entry(entry, cc)
+        meta = compile_entry(entry, cc, config)
         return int(meta.shared), int(meta.num_warps), None
     except Exception as err:  # report every kernel, then fail
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return None, config_for(entry, cc).num_warps, f"{type(err).__name__}: {first_line}"
+        return None, config.num_warps, f"{type(err).__name__}: {first_line}"
+
+
+def _config_text(config) -> str:
+    tiles = "".join(f"{k[6:].lower()}{v}" for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{tiles or '-'} w{config.num_warps}"
 
 
 def _selected(only):
@@ -124,6 +151,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated list, e.g. sm_80,sm_90")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="parallel compile processes (default: number of CPUs, at most 8)")
+    parser.add_argument("--largest-only", action="store_true",
+                        help="compile only the largest-shared-memory config of each site (quick check)")
     parser.add_argument("--only", default=None,
                         help="compile only the call sites whose name contains this text (e.g. 'projection')")
     args = parser.parse_args(argv)
@@ -144,7 +173,11 @@ def main(argv=None):
     entries = _selected(args.only)
     if not entries:
         parser.error(f"--only {args.only!r} matches no call site")
-    jobs = [(i, cc, args.only) for i in range(len(entries)) for cc in archs]
+    if args.largest_only:
+        jobs = [(i, cc, None, args.only) for i in range(len(entries)) for cc in archs]
+    else:
+        jobs = [(i, cc, c, args.only) for i in range(len(entries)) for cc in archs
+                for c in range(len(configs_for(entries[i], cc)))]
     if args.jobs == 1 or len(jobs) <= 8:  # a few builds: spawning workers (each imports torch) costs more
         results = [_build(*job) for job in jobs]
     else:
@@ -152,9 +185,9 @@ def main(argv=None):
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs)), mp_context=ctx) as pool:
             results = list(pool.map(_build, *zip(*jobs, strict=True)))
 
-    header = ("kernel", "call site", "dtype", "arch", "shared", "limit", "warps", "stages", "status")
+    header = ("kernel", "call site", "dtype", "arch", "config", "shared", "limit", "warps", "stages", "status")
     rows, failures = [], 0
-    for (i, cc, _), (shared, warps, error) in zip(jobs, results, strict=True):
+    for (i, cc, c, _), (shared, warps, error) in zip(jobs, results, strict=True):
         entry, limit = entries[i], SHARED_LIMITS[cc]
         if error is not None:
             status = f"FAIL: {error}"
@@ -163,9 +196,9 @@ def main(argv=None):
         else:
             status = "ok"
         failures += status != "ok"
-        rows.append((entry["kernel"].fn.__name__, entry["site"], entry["dtype"], f"sm_{cc}",
-                     "-" if shared is None else str(shared), str(limit), str(warps),
-                     str(config_for(entry, cc).num_stages), status))
+        config = config_for(entry, cc) if c is None else configs_for(entry, cc)[c]
+        rows.append((entry["kernel"].fn.__name__, entry["site"], entry["dtype"], f"sm_{cc}", _config_text(config),
+                     "-" if shared is None else str(shared), str(limit), str(warps), str(config.num_stages), status))
 
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -174,8 +207,9 @@ def main(argv=None):
     for row in rows:
         print(fmt.format(*row))
     n = len(rows)
-    print(f"{n - failures}/{n} kernel builds ({len(entries)} run-time specializations x {len(archs)} archs) compile "
-          "and fit in shared memory "
+    what = "largest config" if args.largest_only else "every config"
+    print(f"{n - failures}/{n} kernel builds ({len(entries)} run-time specializations x {len(archs)} archs, {what}) "
+          "compile and fit in shared memory "
           f"(triton {triton.__version__}, {time.perf_counter() - start:.1f} s)")
     return 1 if failures else 0
 

@@ -9,6 +9,7 @@ checked without any change to this file.
 
 Shapes: a Llama-7B projection (4096 x 4096, rank 16) with a token count divisible by 16 (8192) in every
 activation dtype, and an odd one (8191) in bf16, the training dtype (it only changes the integer attributes);
+the adapter with both factor layouts (full frame: P contiguous; head frame: P = Aᵀ, strided);
 the frame and the penalty in float32 (the adapter's parameters are float32 in every TailLoRLinear, whatever the
 base weight's dtype). Split-K decisions are made for a 132-SM GPU (H100/H200), as they would be there.
 """
@@ -29,13 +30,21 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def _adapter_calls(dtype, tokens):
-    """{op: [(what, args)]} of the adapter op in ``dtype`` over ``tokens`` tokens."""
+def _adapter_calls(dtype, tokens, layouts=("full", "head")):
+    """{op: [(what, args)]} of the adapter op in ``dtype`` over ``tokens`` tokens, for the factor layouts of
+    ``layouts``: the full frame's P and Q (contiguous: P = V Aᵀ, Q = U B come out of the projection) and the head
+    frame's (P = Aᵀ, a transposed view of the (r, d_in) parameter cast to ``dtype``; Q = B contiguous)."""
     x, dy = _meta(tokens, D_IN, dtype=dtype), _meta(tokens, D_OUT, dtype=dtype)
     W, b = _meta(D_OUT, D_IN, dtype=dtype), _meta(D_OUT, dtype=dtype)
-    P, Q, S = _meta(D_IN, RANK, dtype=dtype), _meta(D_OUT, RANK, dtype=dtype), _meta(tokens, RANK, dtype=dtype)
-    return {"tail_adapter_fwd": [("forward", (x, W, bias, P, Q, 2.0, None)) for bias in (None, b)],
-            "tail_adapter_bwd": [("backward", (dy, x, W, S, P, Q, 2.0, xa, True, True, True)) for xa in (None, x)]}
+    Q, S = _meta(D_OUT, RANK, dtype=dtype), _meta(tokens, RANK, dtype=dtype)
+    factors = {"full": _meta(D_IN, RANK, dtype=dtype), "head": _meta(RANK, D_IN, dtype=dtype).t()}
+    calls = {"tail_adapter_fwd": [], "tail_adapter_bwd": []}
+    for layout in layouts:
+        P = factors[layout]
+        calls["tail_adapter_fwd"] += [(f"forward ({layout} P)", (x, W, bias, P, Q, 2.0, None)) for bias in (None, b)]
+        calls["tail_adapter_bwd"] += [(f"backward ({layout} P)", (dy, x, W, S, P, Q, 2.0, xa, True, True, True))
+                                      for xa in (None, x)]
+    return calls
 
 
 def _projection_calls(dtype):
@@ -90,7 +99,9 @@ def call_sites() -> list[tuple[str, str, object]]:
         for tokens_label, tokens in TOKENS.items():
             if tokens % 16 and dtype != torch.bfloat16:
                 continue
-            calls.append((f"{label} {tokens_label}", _adapter_calls(dtype, tokens)))
+            # The odd token count only changes integer attributes: one factor layout is enough there.
+            layouts = ("full", "head") if tokens % 16 == 0 else ("head",)
+            calls.append((f"{label} {tokens_label}", _adapter_calls(dtype, tokens, layouts)))
         calls.append((f"fp32 -> {label}", _projection_calls(dtype)))
     calls.append(("fp32", _penalty_calls()))
     sites = []

@@ -1,9 +1,10 @@
 """Op schemas of taillor, in one place, each with a fake (meta) implementation and one device kernel.
 
 Every op is a ``torch.library`` custom op, so torch.compile treats it as one opaque node and
-``torch.library.opcheck`` can test it. The function body is the default kernel (the eager PyTorch one, every
-device). CPU and CUDA register one kernel that asks the registry (:mod:`taillor.backends`) which implementation
-runs for the tensors' device type and dtype under the current setting; every implementation returns exactly the
+``torch.library.opcheck`` can test it. The function body is the default kernel (the eager PyTorch one). Each
+device type an implementation is registered for (CPU, CUDA, ...) gets, through torch.library, one kernel that
+asks the registry (:mod:`taillor.backends`) which implementation runs for the tensors' device type and dtype and
+the op's arguments (predicates, priorities) under the current setting; every implementation returns exactly the
 op's schema outputs. Custom ops cannot return None, so an output that was not asked for is an empty 1-D tensor;
 the autograd wiring in :mod:`taillor.functional` turns it back into None.
 
@@ -34,18 +35,17 @@ _DIRECT_DEVICES = ("cpu", "cuda")
 
 
 def _register_device_kernel(op, name: str, ref: int) -> None:
-    """CPU and CUDA kernel of ``op``: the registry's implementation for args[ref]'s device type and dtype."""
+    """Device kernel of ``op``: the registry's implementation for args[ref]'s device type and dtype."""
     def kernel(*args):
         tensor = args[ref]
-        fn = backends.impl_for(name, tensor.device.type, tensor.dtype)
+        fn = backends.impl_for(name, tensor.device.type, tensor.dtype, args)
         if not torch.is_autocast_enabled(tensor.device.type):
             return fn(*args)
         # The callers cast the inputs to the autocast dtype themselves (TailLoRLinear.forward); autocast must not
         # recast the products inside a kernel, or the forward's dtypes would not match its backward's.
         with torch.autocast(tensor.device.type, enabled=False):
             return fn(*args)
-    for device in _DIRECT_DEVICES:
-        op.register_kernel(device, kernel)
+    backends.bind(name, op, kernel)  # torch.library: this kernel for every device type the registry serves
     _DEVICE_KERNELS[op] = kernel
 
 

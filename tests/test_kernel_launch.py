@@ -134,7 +134,7 @@ def test_gemm_configs_include_hopper_tiles():
 # ---------------------------------------------------------------------------------------------------------------
 def _kernel_names():
     names = set()
-    for module in (K.tail_adapter, K.pair_gemm, K.spectral_projection, K.spectral_penalty):
+    for module in (K.tail_adapter, K.tail_adapter_onepass, K.pair_gemm, K.spectral_projection, K.spectral_penalty):
         names |= {n for n, obj in vars(module).items() if n.endswith("_kernel") and hasattr(obj, "fn")}
     return names
 
@@ -146,7 +146,7 @@ def test_aot_specializations_are_the_call_sites(monkeypatch):
     from taillor.check_kernels import config_for, specializations
     entries = specializations()
     assert {e["kernel"].fn.__name__ for e in entries} == _kernel_names() == {
-        "_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel"}
+        "_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel", "_dy_pass_kernel"}
     labels = {e["dtype"] for e in entries}
     assert {"fp32 T%16=0", "fp16 T%16=0", "bf16 T%16=0", "bf16 odd T", "fp32 -> bf16", "fp32"} <= labels
 

@@ -106,6 +106,7 @@ def penalty_and_grads(layer, backend):
     return out
 
 
+@pytest.mark.gpu  # compiled kernels on a GPU; the Triton interpreter on the CPU
 @pytest.mark.parametrize("frame", ["full", "head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
 def test_triton_layer_penalty_matches_oracle_as_well_as_eager(triton_layer_device, frame, dtype):

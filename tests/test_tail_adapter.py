@@ -1,7 +1,8 @@
 """The tail adapter op, y = x Wᵀ + b + s·(x_a P) Qᵀ, against the dense float64 oracle.
 
 Layer level: TailLoRLinear forward/backward, both frames, all dtypes, odd shapes, dropout, autocast, gradcheck;
-with the Triton backend forced (both routes) the layer matches the oracle at least as well as the eager path.
+with the Triton backend forced (each route: split, fused, onepass) the layer matches the oracle at least as well as
+the eager path.
 Launcher level: every implementation on this machine (eager; the Triton routes in the interpreter; compiled on
 a GPU, marked ``gpu``) — every output, the schema's empty outputs, zero tokens, strided factors, argument checks.
 """
@@ -14,7 +15,23 @@ from torch import nn
 
 import taillor
 from taillor import functional as F
-from conftest import DTYPE_ID, DTYPES, assert_close, assert_matches_oracle, dense_delta, kernel_impls
+from conftest import CUDA, DTYPE_ID, DTYPES, KernelImpl, assert_close, assert_matches_oracle, dense_delta, kernel_impls
+
+ROUTES = ["split", "fused", "onepass"]
+
+
+def adapter_impls(backends=("eager", "interpreter")) -> list:
+    """The ``impl`` parameters of the adapter's launchers: conftest's (eager, the split and fused routes) and the
+    onepass route of each Triton backend in ``backends``."""
+    params = kernel_impls("tail_adapter", backends)
+    for backend in backends:
+        if backend == "eager":
+            continue
+        marks = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device (compiled Triton kernels)")] \
+            if backend == "compiled" else []
+        impl = KernelImpl(backend, "onepass")
+        params.append(pytest.param(impl, id=impl.id, marks=marks))
+    return params
 
 
 def make_layer(d_in=96, d_out=80, rank=4, frame="full", head=8, bias=True, dtype=torch.float32, seed=0, **kw):
@@ -223,7 +240,8 @@ def triton_layer(device, frame, dtype, **options):
     return layer
 
 
-@pytest.mark.parametrize("route", ["split", "fused"])
+@pytest.mark.gpu  # compiled kernels on a GPU; the Triton interpreter on the CPU
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("frame", ["full", "head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
 def test_triton_layer_matches_oracle_as_well_as_eager(triton_layer_device, route, frame, dtype):
@@ -238,7 +256,8 @@ def test_triton_layer_matches_oracle_as_well_as_eager(triton_layer_device, route
         assert_matches_oracle(triton[name], expected, dtype, name, eager=eager[name])
 
 
-@pytest.mark.parametrize("route", ["split", "fused"])
+@pytest.mark.gpu  # compiled kernels on a GPU; the Triton interpreter on the CPU
+@pytest.mark.parametrize("route", ROUTES)
 def test_triton_layer_dropout_path(triton_layer_device, route):
     device = triton_layer_device
     layer = triton_layer(device, "full", torch.float32, dropout=0.3).train()
@@ -318,7 +337,7 @@ def check_tail_adapter(forward, backward, T, d_in, d_out, r, dtype, bias, adapte
 ADAPTER_SHAPES = [(37, 96, 80, 4), (5, 40, 24, 1), (19, 6, 10, 4), (9, 20, 18, 70)]
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("eager", "interpreter")), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("eager", "interpreter")), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_ID.get)
 @pytest.mark.parametrize("shape", ADAPTER_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias,adapter", [(True, False), (False, True), (True, True)],
@@ -340,7 +359,7 @@ COMPILED_CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("compiled",)), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("compiled",)), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_ID.get)
 @pytest.mark.parametrize("case", COMPILED_CASES)
 def test_compiled_launchers_match_float64_oracle(impl, dtype, case):
@@ -349,7 +368,7 @@ def test_compiled_launchers_match_float64_oracle(impl, dtype, case):
                        strided)
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("compiled",)), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("compiled",)), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
 @pytest.mark.parametrize("index", range(5))
 def test_every_tuning_config(impl, dtype, index):
@@ -359,7 +378,7 @@ def test_every_tuning_config(impl, dtype, index):
         check_tail_adapter(*impl.launchers("tail_adapter"), 300, 512, 384, 16, dtype, True, False, impl.device)
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("eager", "interpreter")), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("eager", "interpreter")), indirect=True)
 @pytest.mark.parametrize("adapter", [False, True])
 def test_backward_computes_only_what_is_needed(impl, adapter):
     forward, backward = impl.launchers("tail_adapter")
@@ -379,7 +398,7 @@ def test_backward_computes_only_what_is_needed(impl, adapter):
     assert all(is_empty(t) for t in none)
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("eager", "interpreter")), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("eager", "interpreter")), indirect=True)
 def test_zero_tokens(impl):
     forward, backward = impl.launchers("tail_adapter")
     x, W, b, P, Q, _ = adapter_inputs(0, 16, 12, 2, torch.float32, True, False)
@@ -390,13 +409,13 @@ def test_zero_tokens(impl):
     assert torch.equal(dP, torch.zeros(16, 2)) and torch.equal(dQ, torch.zeros(12, 2))
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("eager", "interpreter")), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("eager", "interpreter")), indirect=True)
 def test_strided_factors(impl):
     # P and Q may be strided views (head mode passes P = A.t()); x must be row-major.
     check_tail_adapter(*impl.launchers("tail_adapter"), 13, 24, 20, 3, torch.float32, True, False, strided=True)
 
 
-@pytest.mark.parametrize("impl", kernel_impls("tail_adapter", ("interpreter",)), indirect=True)
+@pytest.mark.parametrize("impl", adapter_impls(("interpreter",)), indirect=True)
 def test_triton_launchers_reject_bad_inputs(impl):
     forward, backward = impl.launchers("tail_adapter")
     x, W, b, P, Q, _ = adapter_inputs(7, 16, 12, 2, torch.float32, True, False)
@@ -422,3 +441,13 @@ def test_triton_launchers_reject_bad_inputs(impl):
         backward(torch.randn(7, 13), x, W, S, P, Q, s)
     with pytest.raises(ValueError, match="S has"):
         backward(torch.randn(7, 12), x, W, S.half(), P, Q, s)
+
+
+@pytest.mark.parametrize("impl", [p for p in adapter_impls(("interpreter",)) if p.values[0].route == "onepass"],
+                         indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("adapter", [False, True])
+def test_onepass_partials_over_several_blocks(impl, dtype, adapter):
+    """The onepass route's fp32 partials summed over several row chunks, column chunks and dP row blocks (T = 300
+    tokens: three 128-row blocks of the dx GEMM; ten row and two column chunks of the dy pass)."""
+    check_tail_adapter(*impl.launchers("tail_adapter"), 300, 72, 100, 16, dtype, True, adapter, impl.device)

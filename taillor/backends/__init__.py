@@ -1,35 +1,41 @@
-"""The backend registry: which implementation runs each taillor op, for a device type, a dtype and a setting.
+"""The backend registry: which implementation runs each taillor op, for a device type, a dtype, a setting and the
+op's arguments.
 
 Every op of :mod:`taillor.ops` has an eager implementation (PyTorch, every device, the default and the oracle's
 closest neighbour) and may have native ones. Each backend registers its implementations in its own file with
-:func:`register_impl`:
+:func:`register_impl`; an implementation may carry a ``priority`` and a ``predicate`` on the op's arguments:
 
-    ===========================  ==================  =======================  ======================
-    op                           eager (every dev.)  triton family (CUDA)     cuda_ext (CUDA)
-    ===========================  ==================  =======================  ======================
-    tail_adapter_fwd / _bwd      eager.py            triton.py (route fused)
-                                                     split.py (route split)
+    ===========================  ==================  =======================================  ==================
+    op                           eager (every dev.)  triton family (CUDA), priority           cuda_ext (CUDA)
+    ===========================  ==================  =======================================  ==================
+    tail_adapter_fwd / _bwd      eager.py            onepass.py (20, large steps: predicate)
+                                                     split.py (10), triton.py (fused, 0)
     spectral_projection_fwd/_bwd eager.py            triton.py
     spectral_penalty_fwd / _bwd  eager.py            triton.py
     spectral_penalty_batched_*   eager.py            triton.py
-    randomized_svd               eager.py                                     cuda_ext.py
-    ===========================  ==================  =======================  ======================
+    randomized_svd               eager.py                                                     cuda_ext.py
+    ===========================  ==================  =======================================  ==================
 
-The setting comes from :func:`use_backend` (a context manager, per thread and task) or else from the environment:
+Dispatch is torch's: :func:`bind` registers each op's device kernel through torch.library (``register_kernel``)
+for every device type an implementation names, as bitsandbytes registers its kernels; that kernel asks
+:func:`impl_for`, which picks among the implementations for the tensors' device type and dtype by priority and
+predicate. The setting comes from :func:`use_backend` (a context manager, per thread and task) or else from the
+environment:
 
-* ``TAILLOR_BACKEND=auto`` (default): per op, its native implementation for the tensors' device and dtype when it
-  is available (Triton for CUDA tensors when Triton imports; the CUDA extension for ``randomized_svd`` when it is
-  built), the eager one otherwise.
+* ``TAILLOR_BACKEND=auto`` (default): per op, its native implementations that can run on the tensors' device and
+  dtype (Triton for CUDA tensors when Triton imports; the CUDA extension for ``randomized_svd`` when it is built),
+  highest priority first, the first whose predicate holds; the eager one otherwise.
 * ``TAILLOR_BACKEND=eager``: every op eager.
 * ``TAILLOR_BACKEND=triton``: ops with a Triton implementation must use it (a RuntimeError says why when they
   cannot: no Triton, a CPU tensor without ``TRITON_INTERPRET=1``, an unsupported dtype). Ops without one
   (``randomized_svd``) keep their ``auto`` choice: this setting never forces the CUDA extension.
-* ``TAILLOR_ADAPTER_IMPL=split|fused`` picks the Triton route of the adapter op: ``split`` (default on CUDA:
-  cuBLAS for the base product, Triton for the rank-r products) or ``fused`` (one Triton GEMM for both). No GPU
-  measurement of the two exists yet; the default follows the first one that does.
+* ``TAILLOR_ADAPTER_IMPL=auto|split|fused|onepass`` picks the Triton route of the adapter op. ``auto`` (default):
+  onepass for large layer steps (the static rule of backends/onepass.py), split below. A named route is forced
+  (its predicate is ignored).
 
-The choice is resolved once per (op, device type, dtype, setting, route, interpreter) and cached. The Triton
-interpreter (``TRITON_INTERPRET=1``) is read at every call, never frozen at import: with it, the Triton
+The candidates are resolved once per (op, device type, dtype, setting, route, interpreter) and cached; a call then
+only evaluates the predicates of the candidates above the first one without a predicate (none for most ops). The
+Triton interpreter (``TRITON_INTERPRET=1``) is read at every call, never frozen at import: with it, the Triton
 implementations also accept CPU tensors.
 """
 from __future__ import annotations
@@ -46,8 +52,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 SETTINGS = ("eager", "triton", "auto")
-ADAPTER_ROUTES = ("split", "fused")
-DEFAULT_ADAPTER_ROUTE = "split"  # no GPU measurement yet (benchmarks/RESULTS.md): split until one says otherwise
+ADAPTER_ROUTES = ("auto", "split", "fused", "onepass")
+DEFAULT_ADAPTER_ROUTE = "auto"  # the static rule of backends/onepass.py; docs/architecture.md "Adapter routes"
 
 _OVERRIDE: contextvars.ContextVar[tuple[Optional[str], Optional[str]]] = contextvars.ContextVar(
     "taillor_backend", default=(None, None))
@@ -56,7 +62,9 @@ _OVERRIDE: contextvars.ContextVar[tuple[Optional[str], Optional[str]]] = context
 @dataclass(frozen=True)
 class Impl:
     """One implementation of an op. ``load()`` returns the callable (imports lazily); ``family`` is what the
-    setting selects ("eager", "triton", "cuda_ext"); ``route`` tells the adapter routes apart."""
+    setting selects ("eager", "triton", "cuda_ext"); ``route`` tells the adapter routes apart; among the
+    implementations that can run, the highest ``priority`` whose ``predicate`` (None: always) accepts the op's
+    arguments runs."""
     op: str
     backend: str
     family: str
@@ -65,25 +73,71 @@ class Impl:
     dtypes: Optional[tuple[torch.dtype, ...]] = None
     route: Optional[str] = None
     available: Callable[[], Optional[str]] = field(default=lambda: None)  # None, or why it cannot run
+    priority: int = 0
+    predicate: Optional[Callable[..., bool]] = None
 
 
 _REGISTRY: dict[str, list[Impl]] = {}
+_BOUND: dict[str, tuple[object, Callable, set]] = {}  # op -> (torch custom op, device kernel, device types bound)
 
 
 def register_impl(op: str, backend: str, devices: tuple[str, ...], load: Callable[[], Callable], *,
                   family: Optional[str] = None, dtypes: Optional[tuple[torch.dtype, ...]] = None,
-                  route: Optional[str] = None, available: Optional[Callable[[], Optional[str]]] = None) -> None:
-    """Register implementation ``backend`` of ``op`` for ``devices`` (device types, e.g. ("cuda",))."""
+                  route: Optional[str] = None, available: Optional[Callable[[], Optional[str]]] = None,
+                  priority: int = 0, predicate: Optional[Callable[..., bool]] = None) -> None:
+    """Register implementation ``backend`` of ``op`` for ``devices`` (device types, e.g. ("cuda",)).
+
+    ``predicate(*args)`` (the op's arguments; cheap, it runs at every call) limits it to some shapes; among the
+    implementations that can run on the tensors' device type and dtype, the highest ``priority`` whose predicate
+    holds is chosen (registration order breaks ties). Once the op exists (:func:`bind`), a device type no
+    implementation had before gets the op's device kernel through torch.library."""
     impls = _REGISTRY.setdefault(op, [])
     if any(i.backend == backend for i in impls):
         raise ValueError(f"op {op!r} already has a {backend!r} implementation")
+    if predicate is not None and not callable(predicate):
+        raise TypeError(f"predicate of {op}/{backend} must be callable, got {type(predicate).__name__}")
     impls.append(Impl(op, backend, family or backend, tuple(devices), load, dtypes, route,
-                      available or (lambda: None)))
+                      available or (lambda: None), int(priority), predicate))
+    if op in _BOUND:
+        _bind_devices(op)
     _resolve.cache_clear()
 
 
+def unregister_impl(op: str, backend: str) -> None:
+    """Remove implementation ``backend`` of ``op`` (plugins and tests); its device kernels stay bound (they ask
+    the registry at every call, which then no longer offers it)."""
+    impls = _REGISTRY.get(op, [])
+    kept = [i for i in impls if i.backend != backend]
+    if len(kept) == len(impls):
+        raise KeyError(f"op {op!r} has no {backend!r} implementation")
+    if kept:
+        _REGISTRY[op] = kept
+    else:
+        del _REGISTRY[op]
+    _resolve.cache_clear()
+
+
+def bind(op_name: str, op, kernel: Callable) -> None:
+    """Register ``kernel`` (which asks :func:`impl_for`) as ``op``'s kernel, through torch.library, for every
+    device type an implementation of ``op_name`` names (meta excepted: it is the op's fake implementation)."""
+    _BOUND[op_name] = (op, kernel, set())
+    _bind_devices(op_name)
+
+
+def _bind_devices(op_name: str) -> None:
+    op, kernel, bound = _BOUND[op_name]
+    for device in sorted({d for i in _REGISTRY.get(op_name, ()) for d in i.devices} - bound - {"meta"}):
+        op.register_kernel(device, kernel)
+        bound.add(device)
+
+
+def bound_devices(op_name: str) -> tuple[str, ...]:
+    """The device types whose torch kernel of ``op_name`` is the registry's (sorted)."""
+    return tuple(sorted(_BOUND[op_name][2])) if op_name in _BOUND else ()
+
+
 def implementations(op: str) -> tuple[Impl, ...]:
-    """Every registered implementation of ``op``, in registration order (the order ``auto`` tries them)."""
+    """Every registered implementation of ``op``, in registration order."""
     return tuple(_REGISTRY.get(op, ()))
 
 
@@ -112,7 +166,7 @@ def requested_backend() -> str:
 
 
 def adapter_route() -> str:
-    """The adapter's Triton route: :func:`use_backend`'s, else ``TAILLOR_ADAPTER_IMPL`` (default "split")."""
+    """The adapter's Triton route: :func:`use_backend`'s, else ``TAILLOR_ADAPTER_IMPL`` (default "auto")."""
     route = _OVERRIDE.get()[1]
     if route is not None:
         return route
@@ -128,7 +182,8 @@ def interpreting() -> bool:
 @contextlib.contextmanager
 def use_backend(backend: Optional[str] = None, *, adapter: Optional[str] = None) -> Iterator[None]:
     """Run the ops of this scope (this thread or asyncio task) on ``backend`` ("eager" | "triton" | "auto") and,
-    for the adapter op, on Triton route ``adapter`` ("split" | "fused"). None keeps the current value.
+    for the adapter op, on Triton route ``adapter`` ("auto" | "split" | "fused" | "onepass"). None keeps the
+    current value.
     Overrides ``TAILLOR_BACKEND`` / ``TAILLOR_ADAPTER_IMPL`` without touching ``os.environ``.
 
         with taillor.use_backend("eager"):
@@ -147,14 +202,26 @@ def use_backend(backend: Optional[str] = None, *, adapter: Optional[str] = None)
 # ---------------------------------------------------------------------------------------------------------------
 # resolution
 # ---------------------------------------------------------------------------------------------------------------
-def impl_for(op: str, device_type: str, dtype: torch.dtype) -> Callable:
-    """The callable that runs ``op`` on tensors of ``device_type`` and ``dtype`` under the current settings."""
-    return _resolve(op, device_type, dtype, requested_backend(), adapter_route(), interpreting()).load()
+def impl_for(op: str, device_type: str, dtype: torch.dtype, args: Optional[tuple] = None) -> Callable:
+    """The callable that runs ``op`` on ``args`` (tensors of ``device_type`` and ``dtype``) under the current
+    settings: the first candidate (highest priority first) whose predicate accepts ``args``, else the candidate
+    without a predicate that ends the list. Without ``args``, candidates with a predicate are passed over."""
+    guarded, _, fn = _resolve(op, device_type, dtype, requested_backend(), adapter_route(), interpreting())
+    if guarded and args is not None:
+        for predicate, _, guarded_fn in guarded:
+            if predicate(*args):
+                return guarded_fn
+    return fn
 
 
-def chosen_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
+def chosen_backend(op: str, device_type: str, dtype: torch.dtype, args: Optional[tuple] = None) -> str:
     """The name of the implementation :func:`impl_for` would run (for reports and tests)."""
-    return _resolve(op, device_type, dtype, requested_backend(), adapter_route(), interpreting()).backend
+    guarded, impl, _ = _resolve(op, device_type, dtype, requested_backend(), adapter_route(), interpreting())
+    if args is not None:
+        for predicate, guarded_impl, _ in guarded:
+            if predicate(*args):
+                return guarded_impl.backend
+    return impl.backend
 
 
 def _why_not(impl: Impl, device_type: str, dtype: torch.dtype, interpret: bool) -> Optional[str]:
@@ -167,31 +234,45 @@ def _why_not(impl: Impl, device_type: str, dtype: torch.dtype, interpret: bool) 
     return impl.available()
 
 
+def _candidates(ranked: list[Impl], fallback: Impl, route: str):
+    """(guarded, final impl, final callable): ``guarded`` = ((predicate, impl, callable), ...) best first, up to
+    the first implementation without a predicate (the final one; ``fallback`` if none). A route named explicitly
+    (not "auto") is forced: its implementations' predicates are dropped."""
+    guarded = []
+    for impl in ranked:
+        predicate = None if (impl.route is not None and route != "auto") else impl.predicate
+        if predicate is None:
+            return tuple(guarded), impl, impl.load()
+        guarded.append((predicate, impl, impl.load()))
+    return tuple(guarded), fallback, fallback.load()
+
+
 @functools.lru_cache(maxsize=None)
-def _resolve(op: str, device_type: str, dtype: torch.dtype, setting: str, route: str, interpret: bool) -> Impl:
+def _resolve(op: str, device_type: str, dtype: torch.dtype, setting: str, route: str, interpret: bool):
+    """The candidates of ``op`` for a device type, dtype and setting, best first (see :func:`_candidates`)."""
     impls = _REGISTRY.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
     eager_impl = next(i for i in impls if i.family == "eager")
     if setting == "eager":
-        return eager_impl
-    triton_impls = [i for i in impls if i.family == "triton"]
+        return (), eager_impl, eager_impl.load()
+    # Highest priority first; registration order among equals (sorted is stable).
+    routed = sorted((i for i in impls if i.route is None or route == "auto" or i.route == route),
+                    key=lambda i: -i.priority)
+    triton_impls = [i for i in routed if i.family == "triton"]
     if setting == "triton" and triton_impls:
-        # The route picks among the Triton implementations of the adapter op; other ops have one.
-        impl = next((i for i in triton_impls if i.route in (None, route)), triton_impls[0])
-        why = _why_not(impl, device_type, dtype, interpret)
-        if why is not None:
+        # Forced: the Triton implementations (of the route, for the adapter op) must be able to run.
+        reasons = [(i, _why_not(i, device_type, dtype, interpret)) for i in triton_impls]
+        usable = [i for i, why in reasons if why is None]
+        if not usable:
+            impl, why = reasons[0]
             raise RuntimeError(f"TAILLOR_BACKEND=triton, but the {impl.backend} implementation of {op} cannot run: "
                                f"{why}; use TAILLOR_BACKEND=auto or eager, or taillor.use_backend('auto')")
-        return impl
-    # auto (and triton for ops without a Triton implementation): the first native one that can run, never the
-    # interpreter (auto is for real devices).
-    for impl in impls:
-        if impl.family == "eager" or (impl.family == "triton" and impl.route not in (None, route)):
-            continue
-        if _why_not(impl, device_type, dtype, False) is None:
-            return impl
-    return eager_impl
+        return _candidates(usable, usable[-1], route)
+    # auto (and triton for ops without a Triton implementation): the native ones that can run, never the
+    # interpreter (auto is for real devices), best first; eager last.
+    native = [i for i in routed if i.family != "eager" and _why_not(i, device_type, dtype, False) is None]
+    return _candidates(native, eager_impl, route)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,4 +316,4 @@ def cuda_extension() -> Optional[ModuleType]:
 
 
 # Registration: one file per backend. Imported last, as they call register_impl.
-from . import eager, triton, split, cuda_ext  # noqa: E402,F401  (isort: skip)
+from . import eager, triton, split, onepass, cuda_ext  # noqa: E402,F401  (isort: skip)

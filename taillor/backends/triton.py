@@ -1,5 +1,6 @@
 """Triton backend: the kernels of ``kernels/`` (installed as ``taillor._kernels``) for CUDA tensors, and for CPU
-tensors under ``TRITON_INTERPRET=1``. The adapter op's fused route lives here; its split route in split.py."""
+tensors under ``TRITON_INTERPRET=1``. The adapter op's fused route lives here (priority 0: it runs when forced, ``TAILLOR_ADAPTER_IMPL=fused``); its
+split and onepass routes in split.py and onepass.py."""
 from __future__ import annotations
 
 import torch

@@ -3,7 +3,8 @@ and frame building, printed as tables of ratios and written as bench.json and be
 
 Four comparisons, each measured in one run (see :mod:`taillor.bench.measurement`): adapter, svd, penalty, frames.
 ``--fast`` (or ``TAILLOR_BENCH_FAST=1``) shrinks every case to toy sizes and one round: for CI, so no benchmark
-rots; its numbers mean nothing.
+rots; its numbers mean nothing. ``--roofline [H100|H200|A100]`` prints the byte and FLOP model of every adapter
+route instead (:mod:`taillor.bench.roofline`; no measurement, no device needed).
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="torch.set_num_threads for the run (default: torch's; on a loaded CPU, 1 thread avoids "
                              "waiting for a descheduled worker thread inside every op)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--roofline", nargs="?", const="H200", default=None, metavar="GPU",
+                        help="print each adapter route's modelled bytes, FLOPs and floor ratio against the frozen "
+                             "layer on GPU (H100, H200 or A100; default H200) and exit")
     return parser.parse_args(argv)
 
 
@@ -73,6 +77,13 @@ def _output_paths(out: Optional[str]) -> tuple[str, str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else list(argv))
+    if args.roofline is not None:
+        from .roofline import DEVICES, render
+        if args.roofline not in DEVICES:
+            print(f"taillor bench: --roofline takes one of {sorted(DEVICES)}, got {args.roofline!r}", file=sys.stderr)
+            return 2
+        print(render(args.roofline))  # no GPU run feeds it here: every measured column says "not measured"
+        return 0
     if args.fast:
         os.environ["TAILLOR_BENCH_FAST"] = "1"
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
