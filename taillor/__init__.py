@@ -11,7 +11,7 @@ from .config import TailLoRConfig
 from .frame import SpectralFrame, clear_frame_cache
 from .functional import randomized_svd, spectral_projection, taillor_linear
 from .info import info
-from .io import export_lora, load_adapter, save_adapter
+from .io import AdapterFileError, export_lora, load_adapter, save_adapter
 from .layer import TailLoRLinear
 from .penalty_hook import PenaltyHandle, attach_penalty
 from .model import (apply_taillor, build_frames, consolidate, estimate_apply_memory, estimate_frame_bytes,
@@ -20,7 +20,7 @@ from .model import (apply_taillor, build_frames, consolidate, estimate_apply_mem
 from .report import spectral_report
 
 __all__ = [
-    "__version__", "PenaltyHandle", "TailLoRConfig", "TailLoRLinear", "SpectralFrame", "apply_taillor",
+    "__version__", "AdapterFileError", "PenaltyHandle", "TailLoRConfig", "TailLoRLinear", "SpectralFrame", "apply_taillor",
     "attach_penalty", "build_frames", "clear_frame_cache", "consolidate", "continual", "estimate_apply_memory",
     "estimate_frame_bytes", "export_lora", "find_target_modules", "info", "iter_taillor_layers", "load_adapter",
     "merge_and_requantize", "merge_and_unload", "randomized_svd", "save_adapter", "spectral_penalty",
