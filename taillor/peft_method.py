@@ -16,9 +16,10 @@ reproduces the saved P and Q bit for bit (same device and routine); otherwise A 
 in the recomputed frame (the ``reloaded`` tolerance), as :func:`taillor.load_adapter` does.
 
 One adapter per model: a second adapter name (``add_adapter``, ``load_adapter`` under another name,
-``set_adapter`` to it), ``delete_adapter``, ``disable_adapter``, ``unload``, ``modules_to_save`` and
-``low_cpu_mem_usage`` raise :class:`UnsupportedPeftFeature`. For serving, merge (``merge_and_unload``) or export
-a plain LoRA adapter with ``taillor.export_lora(peft_model.get_base_model(), directory)``.
+``set_adapter`` to it), ``delete_adapter``, ``unload`` and ``low_cpu_mem_usage`` raise
+:class:`UnsupportedPeftFeature` (``disable_adapter`` too, or PEFT's own ValueError first: its layer-status check
+knows only PEFT's layer classes). For serving, merge (``merge_and_unload``) or export a plain LoRA adapter with
+``taillor.export_lora(peft_model.get_base_model(), directory)``.
 """
 from __future__ import annotations
 
