@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     tokenizer, model = load_model()
-    config = taillor.TailLoRConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+    config = taillor.TailLoRConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj"],
                                    frame="head", head=0.1)
     taillor.apply_taillor(model, config)
     print(taillor.trainable_parameters(model))
