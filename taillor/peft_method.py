@@ -210,8 +210,9 @@ class TailLoRTuner(BaseTuner):
         parts = RECORD_TENSORS + tuple(_META) + _FACTORS
         expected = {f"{prefix}{name}.{part}" for name in layers for part in parts}
         if set(state_dict) != expected:
-            raise ValueError(f"the TailLoR adapter does not match the model: missing "
-                             f"{sorted(expected - set(state_dict))[:5]}, unexpected {sorted(set(state_dict) - expected)[:5]}")
+            missing, unexpected = sorted(expected - set(state_dict))[:5], sorted(set(state_dict) - expected)[:5]
+            raise ValueError(f"the TailLoR adapter does not match the model: missing {missing}, unexpected "
+                             f"{unexpected}")
         records = {}
         for name, layer in layers.items():
             if layer.tasks_consolidated or layer.merged:

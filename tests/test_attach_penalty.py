@@ -129,7 +129,7 @@ def _oracle_gradients(model, accumulation, max_norm=None):
 @pytest.mark.parametrize("accumulation,max_norm,use_scaler", [(1, None, False), (4, None, False), (4, 1e-3, False),
                                                               (2, 1e-3, True)])
 def test_gradient_read_by_the_optimizer_matches_the_dense_oracle(accumulation, max_norm, use_scaler):
-    """∇P enters once per step, after unscaling, and unclipped: task gradient (clipped) + ∇P of the dense formula."""
+    """∇P enters once per step, after unscaling, unclipped: the task gradient (clipped) + the dense penalty's."""
     model = make_model(adaptive=False)
     oracle = _oracle_gradients(model, accumulation, max_norm)
     optimizer = torch.optim.SGD(trainable(model), lr=0.0)

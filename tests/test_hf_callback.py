@@ -110,10 +110,10 @@ def test_callback_logs_lambda_and_head_share(tmp_path):
     assert logged["taillor/lambda_min"] == strengths.min().item()
     assert logged["taillor/lambda_max"] == strengths.max().item()
     assert logged["taillor/lambda_max"] != STRENGTH, "λ adapts (one dual step)"
-    assert_close(torch.tensor(logged["taillor/lambda_mean"], dtype=torch.float64), strengths.mean(), "reordered", "λ mean")
-    share = sum(dense_head_share(layer) for layer in layers) / len(layers)
-    assert_close(torch.tensor(logged["taillor/head_share"], dtype=torch.float64), torch.tensor(share, dtype=torch.float64), "reordered",
-                 "head share")
+    logged_mean = torch.tensor(logged["taillor/lambda_mean"], dtype=torch.float64)
+    assert_close(logged_mean, strengths.mean(), "reordered", "λ mean")
+    share = torch.tensor(sum(dense_head_share(layer) for layer in layers) / len(layers), dtype=torch.float64)
+    assert_close(torch.tensor(logged["taillor/head_share"], dtype=torch.float64), share, "reordered", "head share")
 
 
 def test_tailor_trainer_keeps_the_loss_form_and_logs_through_the_callback(tmp_path):
@@ -129,7 +129,8 @@ def test_tailor_trainer_keeps_the_loss_form_and_logs_through_the_callback(tmp_pa
 def test_consolidate_on_end_ends_each_task(tmp_path):
     model = adapted()
     for task in range(2):
-        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**arguments(tmp_path / str(task))),
+        args = transformers.TrainingArguments(**arguments(tmp_path / str(task)))
+        trainer = transformers.Trainer(model=model, args=args,
                                        train_dataset=Rows(token_rows(seed=task)), data_collator=CausalLMCollator(EOS),
                                        callbacks=[TailLoRCallback(consolidate_on_end=True)])
         trainer.train()
