@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         training = SFTConfig(output_dir=os.path.join(args.out, "trainer", name), max_steps=args.steps,
                              per_device_train_batch_size=4, learning_rate=args.lr, lr_scheduler_type="constant",
                              logging_steps=max(1, args.steps // 2), report_to=[], save_strategy="no", use_cpu=True,
-                             disable_tqdm=True, seed=0, max_length=64)
+                             disable_tqdm=True, seed=0, max_length=64,
+                             bf16=False)  # TRL's default is bf16; float32 keeps the reload check exact
         # The callback attaches the penalty to the trainer's optimizer and consolidates when train() ends.
         trainer = SFTTrainer(model=model, args=training, train_dataset=Dataset.from_dict({"text": texts}),
                              processing_class=tokenizer, callbacks=[TailLoRCallback(consolidate_on_end=True)])
