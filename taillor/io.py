@@ -29,6 +29,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "taillor-adapter"
 FORMAT_VERSION = 1
+# What each layer's meta must hold for the record to be checked and restored (see TailLoRLinear.export_record).
+_META_KEYS = frozenset({"d_in", "d_out", "rank", "tasks_consolidated", "merged", "base_weight_norm"})
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter's file cannot be read (truncated, corrupt, not what its name says); names the file."""
 
 
 def _common_config(layers: list[tuple[str, TailLoRLinear]]) -> TailLoRConfig:
@@ -63,19 +69,37 @@ def save_adapter(model: nn.Module, directory: str) -> None:
 
 
 def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config document, tensors) of a saved adapter, validated for format; never unpickles."""
+    """(config document, tensors) of a saved adapter, validated for format; never unpickles. FileNotFoundError when
+    a file is missing; :class:`AdapterFileError` (a ValueError naming the file) when one is truncated, corrupt or
+    not a taillor adapter."""
     from safetensors.torch import load_file
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no TailLoR adapter at {directory!r}: {os.path.basename(path)} is missing")
-    with open(config_path, encoding="utf-8") as handle:
-        document = json.load(handle)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{config_path}: not a readable adapter config ({err})") from None
+    if not isinstance(document, dict):
+        raise AdapterFileError(f"{config_path}: not a readable adapter config (a JSON {type(document).__name__}, "
+                               "not an object)")
     if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path} is not a taillor adapter of format version {FORMAT_VERSION} "
-                         f"(format={document.get('format')!r}, version={document.get('format_version')!r})")
-    return document, load_file(weights_path)
+        raise AdapterFileError(f"{config_path} is not a taillor adapter of format version {FORMAT_VERSION} "
+                               f"(format={document.get('format')!r}, version={document.get('format_version')!r})")
+    layers = document.get("layers")
+    if not isinstance(document.get("config"), dict) or not isinstance(layers, dict) or not all(
+            isinstance(meta, dict) and _META_KEYS <= set(meta) for meta in layers.values()):
+        raise AdapterFileError(f"{config_path}: the adapter config is incomplete (needs 'config' and, per layer, "
+                               f"{sorted(_META_KEYS)})")
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise AdapterFileError(f"{weights_path}: truncated or corrupt safetensors file "
+                               f"({type(err).__name__}: {err})") from None
+    return document, tensors
 
 
 def _check_against(model_layers: dict[str, nn.Module], document: dict, tensors: dict, config: TailLoRConfig):

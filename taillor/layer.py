@@ -281,6 +281,14 @@ class TailLoRLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        # Cheap checks (a dtype flag, a shape compare; no host sync) so bad input fails as nn.Linear's does, but
+        # named: an integer input would otherwise be cast silently, a wrong width fail inside a fused product.
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name or 'TailLoRLinear'}: expected a floating-point input, got {x.dtype} "
+                            "(nn.Linear does not cast integer or bool inputs either)")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name or 'TailLoRLinear'}: expected an input of width {self.in_features} (last "
+                             f"dimension), got shape {tuple(x.shape)}")
         if self.merged:
             return self.base_layer(x)
         dtype = self.base.compute_dtype(x)

@@ -84,3 +84,14 @@ def test_modules_stay_small():
     sizes = {path.relative_to(REPO): len(path.read_text().splitlines()) for _, path in modules()}
     over = {str(path): lines for path, lines in sizes.items() if lines > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines (split them by job): {over}"
+
+
+def test_importing_taillor_imports_no_training_stack():
+    """PEFT, transformers, TRL and accelerate are optional: only taillor.peft_method / taillor.hf_trainer import
+    them, never ``import taillor``."""
+    import subprocess
+    import sys
+    code = ("import sys, taillor\n"
+            "found = [m for m in ('peft', 'transformers', 'trl', 'accelerate') if m in sys.modules]\n"
+            "assert not found, found\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
