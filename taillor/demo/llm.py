@@ -48,8 +48,8 @@ class LLMSettings:
     targets: tuple = TARGETS
     lr: float = 2e-3              # adapters (TailLoR and LoRA): best final task NLL of LoRA's lr sweep (README)
     lr_full: float = 5e-5         # full fine-tuning
-    # The peers' own rates: the best final mean NLL of each one's grid (llm_methods.LR_GRIDS, `--lr-grid`,
-    # docs/results-peers.md).
+    # The peers' own rates, each from its three-rate grid (llm_methods.LR_GRIDS, `--lr-grid`): the rate with the
+    # best final mean NLL where the grid has run, else the grid's middle rate (docs/results-peers.md says which).
     peer_lrs: tuple = (("osf", 3e-5), ("pissa-merged", 6.7e-4), ("mica-merged", 2e-3), ("o-lora", 2e-3))
     warmup_ratio: float = 0.1     # linear warm-up, then cosine decay to 0
     head: Optional[Union[int, float]] = None

@@ -61,7 +61,8 @@ class DemoSettings:
     lr_taillor_head: float = 1e-3   # TailLoR, head frame (A, B in the layer's coordinates, as LoRA's)
     lr_lora: float = 1e-3       # PEFT LoRA, both variants (the best of its sweep on the frontier, see README)
     lr_full: float = 3e-5       # full fine-tuning
-    # The peers, each at the best rate of its own grid (frontier.PEER_LRS; docs/results-peers.md)
+    # The peers: the middle rate of each one's three-rate grid (frontier.PEER_LRS), until the full frontier has
+    # measured its best (docs/results-peers.md)
     lr_osf: float = 3e-5        # PEFT OSF (PEFT advises 1e-5 to 1e-4)
     lr_pissa: float = 3e-4      # PiSSA-initialized LoRA, merge+restart
     lr_olora: float = 1e-3      # O-LoRA
