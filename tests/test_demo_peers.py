@@ -183,3 +183,39 @@ def test_merge_and_restart_keeps_the_model_unchanged(name):
 def test_unknown_peer_is_rejected():
     with pytest.raises(ValueError, match="unknown peer 'lora'"):
         _peer("lora")
+
+
+def test_olora_loss_enters_the_trainer_once_per_optimizer_step(tmp_path):
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from test_hf_trainer_causal import EOS, Blocks, examples, tiny_llama
+
+    from taillor.demo.peers import regularized_trainer_class
+    from taillor.hf_trainer import CausalLMCollator
+
+    peer = Peer("o-lora", tiny_llama(), rank=2, alpha=4.0, targets=["q_proj", "down_proj"], n_tasks=2, seed=0,
+                task_type="CAUSAL_LM")
+    with torch.no_grad():  # a finished first task with its own A
+        for a in lora_down_projections(peer.net).values():
+            a.normal_(generator=torch.Generator().manual_seed(5))
+    peer.end_task()
+
+    def one_step(cls, p, out):
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+            learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
+            save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+        trainer = cls(model=p.net, args=args, train_dataset=Blocks(examples()), data_collator=CausalLMCollator(EOS))
+        trainer.regularizer = p.regularizer
+        trainer.train()
+        return {n: a.detach().clone() for n, a in lora_down_projections(p.net).items()}
+
+    start = copy.deepcopy(peer)
+    loss = start.regularizer()
+    loss.backward()
+    with_loss = one_step(regularized_trainer_class(), copy.deepcopy(peer), tmp_path / "a")
+    task_only = one_step(transformers.Trainer, copy.deepcopy(peer), tmp_path / "b")
+    for name, a in lora_down_projections(start.net).items():
+        assert float(a.grad.abs().max()) > 1e-3
+        assert_close(with_loss[name] - task_only[name], -0.1 * a.grad, "optimizer step", name)
