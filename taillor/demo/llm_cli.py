@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help=f"seeds (default {DEFAULT.seeds}, {QUICK.seeds} with "
                                                           "--quick); tables show mean ± std")
     p.add_argument("--out", default=None, help="output folder (default runs/llm-<timestamp>/)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
-                                                     "(default: all; with --quick the default set: TailLoR, LoRA, frozen)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (default: all; with --quick "
+                        "TailLoR, LoRA and frozen)")
     p.add_argument("--lr-grid", action="store_true",
                    help="run each method of --methods (default: the peers) over its learning-rate grid, one seed, "
                         "and write lr-grid.md (use with --quick for the quick settings)")
