@@ -219,3 +219,18 @@ def test_olora_loss_enters_the_trainer_once_per_optimizer_step(tmp_path):
     for name, a in lora_down_projections(start.net).items():
         assert float(a.grad.abs().max()) > 1e-3
         assert_close(with_loss[name] - task_only[name], -0.1 * a.grad, "optimizer step", name)
+
+
+def test_every_llm_method_has_a_learning_rate_grid_of_the_same_size():
+    from taillor.demo.llm import QUICK
+    from taillor.demo.llm_grid import choose, grid_settings
+    from taillor.demo.llm_methods import LR_GRIDS, METHODS
+
+    assert set(LR_GRIDS) == set(METHODS) - {"frozen"} and {len(g) for g in LR_GRIDS.values()} == {3}
+    assert set(PEERS) <= set(METHODS) and "osf" not in QUICK.methods  # --quick keeps the default set
+    assert dict(grid_settings(QUICK, "osf", 1e-4).peer_lrs)["osf"] == 1e-4
+    assert grid_settings(QUICK, "full-ft", 1e-5).lr_full == 1e-5 and grid_settings(QUICK, "lora-merged", 7e-3).lr == 7e-3
+    with pytest.raises(ValueError, match="frozen"):
+        grid_settings(QUICK, "frozen", 1e-3)
+    rows = [{"method": "osf", "lr": lr, "final_mean_nll": nll} for lr, nll in ((1e-5, 4.1), (3e-5, 3.9), (1e-4, 4.0))]
+    assert choose(rows) == {"osf": 3e-5}
