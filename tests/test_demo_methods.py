@@ -73,7 +73,9 @@ def test_frontier_marks_dominated_points_per_retention_axis():
 def test_frontier_grid_sweeps_every_method():
     points = frontier.frontier_points(TINY)
     assert {p.method for p in points} == {"frozen", "taillor-full", "taillor-head", "lora-merged", "lora-continued",
-                                          "full-ft"}
+                                          "full-ft", "osf", "pissa-merged", "o-lora"}
+    for method in ("osf", "pissa-merged", "o-lora"):  # every peer over a grid as large as LoRA's
+        assert len({p.settings(TINY).lr_of(method) for p in points if p.method == method}) == 3
     for method in ("lora-merged", "lora-continued"):
         assert len({dict(p.overrides)["lr_lora"] for p in points if p.method == method}) >= 3  # tuned, not fixed
     for method in ("taillor-full", "taillor-head"):  # each frame's own learning rate, ×0.3 and ×3

@@ -8,9 +8,12 @@ R@1 kept and the final cosine similarity to the base model's embeddings. Each me
   head and the learning rate ×0.3 and ×3;
 * PEFT LoRA, merge+restart and continued, over its learning rate (the baseline is tuned, not handicapped);
 * full fine-tuning over its learning rate (full grid only: its runs are the longest);
+* the peers (:mod:`taillor.demo.peers`: PEFT OSF, PiSSA merge+restart, O-LoRA), each over its own three-rate
+  learning-rate grid (``PEER_LRS``; the quick grid runs each at its set rate only);
 * the frozen reference (the origin of the plasticity axis).
 
-The quick grid (``--frontier --quick``, 15 runs) fits 15 minutes on two cores; the full grid has 25 points.
+The quick grid (``--frontier --quick``) has 18 points (15 before the peers: 15 minutes on two cores); the full
+grid has 34.
 
 A point is *dominated* when another point has at least its plasticity and at least its retention, one of them
 strictly; the non-dominated points form the frontier. Writes ``frontier.json``, ``frontier.png`` and
@@ -24,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-from .settings import COST_ORDER, LABELS, LR_FIELDS, DemoSettings
+from .settings import COST_ORDER, ENCODER_PEERS, LABELS, LR_FIELDS, DemoSettings
 
 __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontier", "run_robustness", "run_points",
            "dominated", "format_frontier", "format_robustness"]
@@ -42,6 +45,8 @@ TAILLOR_VARIANTS = (("λ=10 fixed, kaiming (previous default)",
                     ("default, lr ×3", {"lr": "×3"}))
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 FULL_FT_LRS = (1e-5, 3e-5)
+# Each peer's learning-rate grid: three rates a factor ~3 apart, as LoRA's (OSF: PEFT advises 1e-5 to 1e-4).
+PEER_LRS = {"osf": (1e-5, 3e-5, 1e-4), "pissa-merged": (1e-4, 3e-4, 1e-3), "o-lora": (3e-4, 1e-3, 3e-3)}
 RETENTION_AXES = (("r1_retention", "retrieval R@1 kept (final / base)"),
                   ("cosine", "cosine to base embeddings (final)"))
 
@@ -77,6 +82,10 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
         points += [FrontierPoint(method, f"lr {lr:g}", (("lr_lora", lr),)) for lr in LORA_LRS]
     if not quick:
         points += [FrontierPoint("full-ft", f"lr {lr:g}", (("lr_full", lr),)) for lr in FULL_FT_LRS]
+    for method in ENCODER_PEERS:
+        field = LR_FIELDS[method]
+        lrs = (settings.lr_of(method),) if quick else PEER_LRS[method]
+        points += [FrontierPoint(method, f"lr {lr:g}", ((field, lr),)) for lr in lrs]
     return points
 
 
@@ -180,7 +189,7 @@ def plot_frontier(rows: list[dict], path: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     markers = {"frozen": "s", "taillor-full": "o", "taillor-head": "D", "lora-merged": "^",
-               "lora-continued": "v", "full-ft": "P"}
+               "lora-continued": "v", "full-ft": "P", "osf": "X", "pissa-merged": "<", "o-lora": ">"}
     fig, axes = plt.subplots(1, len(RETENTION_AXES), figsize=(13, 5.4))
     for ax, (axis, text) in zip(axes, RETENTION_AXES):
         for method in dict.fromkeys(r["method"] for r in rows):

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
-from .llm_methods import COST_ORDER, LABELS, METHODS
+from .llm_methods import COST_ORDER, DEFAULT_METHODS, LABELS, METHODS
 from .llm_report import DOMAINS, TASKS
 
 __all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "load_base", "prepare", "run_llm_demo",
@@ -48,6 +48,9 @@ class LLMSettings:
     targets: tuple = TARGETS
     lr: float = 2e-3              # adapters (TailLoR and LoRA): best final task NLL of LoRA's lr sweep (README)
     lr_full: float = 5e-5         # full fine-tuning
+    # The peers' own rates, each from its three-rate grid (llm_methods.LR_GRIDS, `--lr-grid`): the rate with the
+    # best final mean NLL where the grid has run, else the grid's middle rate (docs/results-peers.md says which).
+    peer_lrs: tuple = (("osf", 3e-5), ("pissa-merged", 6.7e-4), ("mica-merged", 2e-3), ("o-lora", 2e-3))
     warmup_ratio: float = 0.1     # linear warm-up, then cosine decay to 0
     head: Optional[Union[int, float]] = None
     penalty: Optional[float] = None
@@ -63,7 +66,8 @@ class LLMSettings:
 # --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
 # Full fine-tuning (every weight trains: the costliest run) is left out of the quick default; --methods adds it.
 QUICK = LLMSettings(block_tokens=64, batch_size=2, grad_accum=2, steps=10, eval_blocks=6, seeds=1,
-                    generate_tokens=12, spectral_blocks=(0, 29), methods=tuple(m for m in METHODS if m != "full-ft"))
+                    generate_tokens=12, spectral_blocks=(0, 29),
+                    methods=tuple(m for m in DEFAULT_METHODS if m != "full-ft"))
 DEFAULT = LLMSettings()
 
 
@@ -208,7 +212,8 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
     t0 = time.perf_counter()
     method = LMMethod(name, ctx["model"], rank=settings.rank, alpha=settings.alpha, targets=settings.targets,
                       lr=settings.lr, lr_full=settings.lr_full, seed=seed,
-                      taillor_overrides=taillor_overrides(settings))
+                      taillor_overrides=taillor_overrides(settings), peer_lrs=dict(settings.peer_lrs),
+                      n_tasks=len(TASKS))
     result = {"method": name, "seed": seed, "trainable_params": method.trainable_parameters(), "ppl": [],
               "generations": [], "train": [], "lr": method.lr if method.trains else None,
               "taillor_config": method.config.to_dict() if method.config is not None else None}
@@ -221,9 +226,15 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
         def make_trainer(_model, task):
             # lora-merged replaces its PeftModel after each task: always train the method's current network
             cls = TailLoRTrainer if method.is_taillor else Trainer
+            if method.peer is not None:  # O-LoRA's orthogonality loss (None for the other peers)
+                from .peers import regularized_trainer_class
+
+                cls = regularized_trainer_class()
             args = _training_arguments(settings, method.lr, seed, os.path.join(work_dir, "trainer"), progress)
             trainer = cls(model=method.net, args=args, train_dataset=TokenBlocks(ctx["train"][task]),
                           data_collator=collator)
+            if method.peer is not None:
+                trainer.regularizer = method.regularizer
             if not progress:  # without progress bars the Trainer prints every log line instead
                 trainer.remove_callback(PrinterCallback)
             return trainer

@@ -10,6 +10,7 @@ from typing import Union
 
 from .llm import DEFAULT, QUICK, TARGETS, run_llm_demo, taillor_overrides
 from .llm_methods import METHODS
+from .peers import PEERS
 
 __all__ = ["build_parser", "main"]
 
@@ -26,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help=f"seeds (default {DEFAULT.seeds}, {QUICK.seeds} with "
                                                           "--quick); tables show mean ± std")
     p.add_argument("--out", default=None, help="output folder (default runs/llm-<timestamp>/)")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)}, or 'all' "
-                                                     "(default: all; with --quick all but full-ft)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (default: all; with --quick "
+                        "TailLoR, LoRA and frozen)")
+    p.add_argument("--lr-grid", action="store_true",
+                   help="run each method of --methods (default: the peers) over its learning-rate grid, one seed, "
+                        "and write lr-grid.md (use with --quick for the quick settings)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per task")
     p.add_argument("--lr", type=float, default=None, help=f"adapter learning rate, TailLoR and LoRA (default "
                                                          f"{DEFAULT.lr:g})")
@@ -91,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = args.out or os.path.join("runs", time.strftime("llm-%Y%m%d-%H%M%S"))
     try:
+        if args.lr_grid:
+            from .llm_grid import run_lr_grid
+
+            grid_methods = [m for m in (settings.methods if args.methods else PEERS) if m != "frozen"]
+            run_lr_grid(settings, grid_methods, out)
+            return 0
         run_llm_demo(settings, out)
     except DataUnavailable as e:
         print(f"taillor demo: {e}", file=sys.stderr)

@@ -7,6 +7,8 @@
 * ``lora-merged``    PEFT LoRA, merged into the weights and restarted after each task (TailLoR's consolidation
   without the spectral frame and the penalty)
 * ``full-ft``        every weight trains (its own learning rate)
+* ``osf``, ``pissa-merged``, ``mica-merged``, ``o-lora``: the peers of :mod:`taillor.demo.peers` (PEFT OSF,
+  PiSSA and MiCA LoRA merged and restarted per task, O-LoRA), each at its own learning rate (``LR_GRIDS``)
 
 The adapters share rank, alpha and target modules. TailLoR's head and penalty are :class:`taillor.TailLoRConfig`'s
 library defaults unless overridden.
@@ -19,13 +21,18 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["METHODS", "LABELS", "COST_ORDER", "LMMethod"]
+from .peers import PEERS, Peer
 
-METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
+__all__ = ["METHODS", "DEFAULT_METHODS", "LABELS", "COST_ORDER", "LR_GRIDS", "LMMethod"]
+
+DEFAULT_METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
+METHODS = DEFAULT_METHODS + PEERS
 # The order in which the worker processes get the runs. Measured quick-run costs (CPU s, 2026-12-02): TailLoR full
 # frame ~160, full fine-tuning ~150, TailLoR head frame ~115, LoRA ~105, frozen ~0; handed out in this order, two
 # workers finish within seconds of each other (longest-first would leave one idle for a LoRA run).
-COST_ORDER = ("taillor-full", "taillor-head", "lora-merged", "full-ft", "lora-continued", "frozen")
+# The peers (not in that measurement): OSF trains full-rank factors (about full fine-tuning's cost), first.
+COST_ORDER = ("osf", "taillor-full", "taillor-head", "lora-merged", "full-ft", "pissa-merged", "o-lora",
+              "mica-merged", "lora-continued", "frozen")
 LABELS = {
     "frozen": "frozen (base model)",
     "taillor-full": "TailLoR (full frame)",
@@ -33,6 +40,22 @@ LABELS = {
     "lora-continued": "LoRA (continued)",
     "lora-merged": "LoRA (merge+restart)",
     "full-ft": "full fine-tuning",
+    "osf": "OSF (PEFT)",
+    "pissa-merged": "PiSSA (merge+restart)",
+    "mica-merged": "MiCA (merge+restart)",
+    "o-lora": "O-LoRA",
+}
+
+# The learning-rate grid of each method: three rates a factor 3 apart, the same size for every method
+# (``taillor demo --model smollm2 --lr-grid``; the chosen rates are LLMSettings' and docs/results-peers.md's).
+LR_GRIDS = {
+    "taillor-full": (6.7e-4, 2e-3, 6e-3), "taillor-head": (6.7e-4, 2e-3, 6e-3),
+    "lora-continued": (6.7e-4, 2e-3, 6e-3), "lora-merged": (6.7e-4, 2e-3, 6e-3),
+    "full-ft": (1.7e-5, 5e-5, 1.5e-4),
+    "osf": (1e-5, 3e-5, 1e-4),  # PEFT's advice for OSF: 1e-5 to 1e-4
+    "pissa-merged": (2.2e-4, 6.7e-4, 2e-3),  # PiSSA's factors start at sqrt(σ) scale, not at zero
+    "mica-merged": (6.7e-4, 2e-3, 6e-3),
+    "o-lora": (6.7e-4, 2e-3, 6e-3),
 }
 
 
@@ -40,17 +63,19 @@ class LMMethod:
     """One method on a deep copy of ``base`` (``frozen`` uses ``base`` itself and never trains).
 
     ``net`` is the module to train and evaluate (a PeftModel for the LoRA methods; it changes after each task
-    for ``lora-merged``). ``taillor_overrides`` (e.g. ``{"penalty": 1.0}``) replace TailLoRConfig defaults.
+    for ``lora-merged`` and the peers). ``taillor_overrides`` (e.g. ``{"penalty": 1.0}``) replace TailLoRConfig
+    defaults. ``peer_lrs`` maps each peer to its learning rate; ``n_tasks`` sets OSF's preserved-rank schedule.
     """
 
     def __init__(self, name: str, base: nn.Module, *, rank: int, alpha: float, targets: Sequence[str], lr: float,
-                 lr_full: float, seed: int, taillor_overrides: Optional[dict] = None):
+                 lr_full: float, seed: int, taillor_overrides: Optional[dict] = None,
+                 peer_lrs: Optional[dict] = None, n_tasks: int = 2):
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         self.name, self.seed, self.task = name, seed, 0
         self.rank, self.alpha, self.targets = rank, alpha, list(targets)
-        self.lr = lr_full if name == "full-ft" else lr
-        self.config = None
+        self.lr = lr_full if name == "full-ft" else (peer_lrs or {}).get(name, lr) if name in PEERS else lr
+        self.config, self.peer = None, None
         if name == "frozen":
             self.net = base
             return
@@ -66,6 +91,10 @@ class LMMethod:
             self.net = taillor.apply_taillor(model, self.config)
         elif name.startswith("lora"):
             self.net = self._new_peft(model)
+        elif name in PEERS:
+            self.peer = Peer(name, model, rank=rank, alpha=alpha, targets=self.targets, n_tasks=n_tasks, seed=seed,
+                             task_type="CAUSAL_LM")
+            self.net = self.peer.net
         else:
             model.requires_grad_(True)
             self.net = model
@@ -86,6 +115,10 @@ class LMMethod:
                             bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, config)
 
+    def regularizer(self):
+        """The extra training-loss term of the method (O-LoRA's), or None."""
+        return self.peer.regularizer() if self.peer is not None else None
+
     def trainable_parameters(self) -> int:
         if not self.trains:
             return 0
@@ -100,6 +133,8 @@ class LMMethod:
             taillor.consolidate(self.net)
         elif self.name == "lora-merged":
             self.net = self._new_peft(self.net.merge_and_unload())
+        elif self.peer is not None:
+            self.net = self.peer.end_task()
 
     @torch.no_grad()
     def current_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -107,6 +142,9 @@ class LMMethod:
         methods whose layers stay nn.Linear (LoRA, full fine-tuning, frozen)."""
         if self.is_taillor:
             raise ValueError(f"{self.name}: use taillor.spectral_report for TailLoR layers")
-        net = copy.deepcopy(self.net).merge_and_unload() if self.name.startswith("lora") else self.net
+        if self.peer is not None:
+            net = self.peer.current_net_merged_copy()
+        else:
+            net = copy.deepcopy(self.net).merge_and_unload() if self.name.startswith("lora") else self.net
         modules = dict(net.named_modules())
         return {name: modules[name].weight.detach().float().clone() for name in names}

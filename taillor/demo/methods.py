@@ -8,15 +8,17 @@ import sys
 import time
 
 from ..continual import frozen_reference
+from .peers import PEERS, Peer
 from .settings import METHODS, DemoSettings
 
 __all__ = ["Method", "SkillProbe", "run_method", "run_job", "describe", "train_sequence", "spectral_rows"]
 
 
 class Method:
-    """One fine-tuning method on its own copy of the base model."""
+    """One fine-tuning method on its own copy of the base model (``n_tasks``: the length of the task sequence, for
+    OSF's preserved-rank schedule)."""
 
-    def __init__(self, name: str, base_model, settings: DemoSettings, seed: int):
+    def __init__(self, name: str, base_model, settings: DemoSettings, seed: int, n_tasks: int = 3):
         import torch
 
         self.name, self.s, self.seed = name, settings, seed
@@ -24,6 +26,7 @@ class Method:
         self.model = frozen_reference(base_model) if name == "frozen" else copy.deepcopy(base_model)
         self.model.train()
         self.task = 0
+        self.peer = None
         if name.startswith("taillor"):
             import taillor
 
@@ -37,6 +40,10 @@ class Method:
         elif name == "full-ft":
             self.model.requires_grad_(True)
             self.net = self.model
+        elif name in METHODS and name in PEERS:
+            self.peer = Peer(name, self.model, rank=settings.rank, alpha=settings.alpha,
+                             targets=settings.targets, n_tasks=n_tasks, seed=seed)
+            self.net = self.peer.net
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
 
@@ -61,6 +68,8 @@ class Method:
             import taillor
 
             return taillor.spectral_penalty(self.net)
+        if self.peer is not None:  # O-LoRA's orthogonality loss (None for the other peers)
+            return self.peer.regularizer()
         return None
 
     def end_task(self) -> None:
@@ -73,13 +82,16 @@ class Method:
         elif self.name == "lora-merged":
             self.model = self.net.merge_and_unload()
             self.net = self._new_peft(self.model)
+        elif self.peer is not None:
+            self.net = self.peer.end_task()
 
     def effective_weights(self, names) -> dict:
         """The current weight of each target layer (adapters merged), float32, on copies."""
         import torch
 
-        if self.name.startswith("lora"):
-            merged = copy.deepcopy(self.net).merge_and_unload()
+        if self.name.startswith("lora") or self.peer is not None:
+            merged = copy.deepcopy(self.net)
+            merged = merged.merge_and_unload() if hasattr(merged, "merge_and_unload") else merged
             mods = dict(merged.named_modules())
             return {n: mods[n].weight.detach().float().clone() for n in names}
         mods = dict(self.net.named_modules())
@@ -145,7 +157,7 @@ def run_method(name: str, ctx: dict, settings: DemoSettings, seed: int, log=prin
     and, for TailLoR, the layers' final penalty strengths (``penalty_strength``: min, median, max).
     """
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    method = Method(name, ctx["model"], settings, seed)
+    method = Method(name, ctx["model"], settings, seed, n_tasks=len(ctx["tasks"]))
     record = train_sequence(method, ctx, settings, seed, log, progress)
     # CPU seconds next to wall seconds: on a shared machine the wall time says more about the neighbours.
     record.update(wall_seconds=time.perf_counter() - t_start, cpu_seconds=time.process_time() - cpu_start)

@@ -14,6 +14,8 @@ and head learning rate; each trains its encoder at its own tuned learning rate (
 * ``lora-merged``    PEFT LoRA, merged into the weights and restarted after each task (TailLoR's consolidation
   without the spectral frame and penalty)
 * ``full-ft``        full fine-tuning of every weight
+* ``osf``, ``pissa-merged``, ``o-lora``: the peers of :mod:`taillor.demo.peers` (PEFT OSF, PiSSA-initialized
+  LoRA merged and restarted per task, O-LoRA), in ``--methods all`` and the frontier
 
 Every method is reported next to the frozen reference: plasticity = ACC − ACC(frozen), and retention (R@1 kept,
 cosine to base, head share of ‖ΔW‖²). ``--frontier`` sweeps each method's strength instead
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           f"(default {DEFAULT.seeds}, {QUICK.seeds} with --quick)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<timestamp>/)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (default: all; with --quick all "
-                        f"but full-ft)")
+                   help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (every method and peer; default: "
+                        f"{','.join(DEFAULT.methods)}; with --quick all of these but full-ft)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"processes running methods side by side, one torch thread each (default {DEFAULT.workers})")
     for name, kind, text in (("steps", int, "optimizer steps per task"),
@@ -175,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lr-taillor-head", float, "TailLoR learning rate, head frame"),
                              ("lr-lora", float, "PEFT LoRA learning rate"),
                              ("lr-full", float, "learning rate of full fine-tuning"),
+                             ("lr-osf", float, "learning rate of PEFT OSF"),
+                             ("lr-pissa", float, "learning rate of PiSSA (merge+restart)"),
+                             ("lr-olora", float, "learning rate of O-LoRA"),
                              ("lr-head", float, "learning rate of the task heads"),
                              ("alpha", float, "adapter alpha (TailLoR and LoRA)"),
                              ("protect-tasks-weight", float, "TailLoR weight of the finished tasks' directions "
@@ -209,7 +214,7 @@ def settings_from_args(args) -> DemoSettings:
     if args.lr is not None:
         overrides.update(lr_taillor_full=args.lr, lr_taillor_head=args.lr)
     for key in ("steps", "head", "penalty", "head_share_target", "lr_taillor_full", "lr_taillor_head", "lr_lora",
-                "lr_full", "lr_head", "alpha", "protect_tasks_weight"):
+                "lr_full", "lr_osf", "lr_pissa", "lr_olora", "lr_head", "alpha", "protect_tasks_weight"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.fixed_penalty:

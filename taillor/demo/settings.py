@@ -7,11 +7,14 @@ from typing import Optional
 
 from ..config import TailLoRConfig
 
-__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "LABELS", "ADAPTER_METHODS", "LR_FIELDS",
-           "COST_ORDER"]
+__all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "DEFAULT_METHODS", "ENCODER_PEERS", "LABELS",
+           "ADAPTER_METHODS", "LR_FIELDS", "COST_ORDER"]
 
-METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
-ADAPTER_METHODS = ("taillor-full", "taillor-head", "lora-continued", "lora-merged")
+DEFAULT_METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
+# The peers of :mod:`taillor.demo.peers` that apply to an encoder with task heads (``--methods all``, frontier).
+ENCODER_PEERS = ("osf", "pissa-merged", "o-lora")
+METHODS = DEFAULT_METHODS + ENCODER_PEERS
+ADAPTER_METHODS = ("taillor-full", "taillor-head", "lora-continued", "lora-merged", "pissa-merged", "o-lora")
 LABELS = {
     "frozen": "frozen (heads only)",
     "taillor-full": "TailLoR (full frame)",
@@ -19,15 +22,20 @@ LABELS = {
     "lora-continued": "LoRA (continued)",
     "lora-merged": "LoRA (merge+restart)",
     "full-ft": "full fine-tuning",
+    "osf": "OSF (PEFT)",
+    "pissa-merged": "PiSSA (merge+restart)",
+    "o-lora": "O-LoRA",
 }
 
 # The order in which the worker processes get the runs: longest first (measured). The frozen reference (the
 # cheapest) is run by the main process meanwhile.
-COST_ORDER = ("full-ft", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "frozen")
+COST_ORDER = ("full-ft", "osf", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "pissa-merged",
+              "o-lora", "frozen")
 
 # The DemoSettings field that holds each trained method's encoder learning rate.
 LR_FIELDS = {"taillor-full": "lr_taillor_full", "taillor-head": "lr_taillor_head", "lora-continued": "lr_lora",
-             "lora-merged": "lr_lora", "full-ft": "lr_full"}
+             "lora-merged": "lr_lora", "full-ft": "lr_full", "osf": "lr_osf", "pissa-merged": "lr_pissa",
+             "o-lora": "lr_olora"}
 
 _LIBRARY = {f.name: f.default for f in fields(TailLoRConfig)}
 
@@ -53,6 +61,11 @@ class DemoSettings:
     lr_taillor_head: float = 1e-3   # TailLoR, head frame (A, B in the layer's coordinates, as LoRA's)
     lr_lora: float = 1e-3       # PEFT LoRA, both variants (the best of its sweep on the frontier, see README)
     lr_full: float = 3e-5       # full fine-tuning
+    # The peers: the middle rate of each one's three-rate grid (frontier.PEER_LRS), until the full frontier has
+    # measured its best (docs/results-peers.md)
+    lr_osf: float = 3e-5        # PEFT OSF (PEFT advises 1e-5 to 1e-4)
+    lr_pissa: float = 3e-4      # PiSSA-initialized LoRA, merge+restart
+    lr_olora: float = 1e-3      # O-LoRA
     lr_head: float = 5e-2       # the task heads, for every method and the frozen reference
     head: float = _LIBRARY["head"]  # TailLoR head (fraction of min(d_out, d_in))
     report_head: float = 0.25   # the head in which the spectral report measures every method's update
@@ -62,7 +75,7 @@ class DemoSettings:
     protect_tasks: bool = _LIBRARY["protect_tasks"]
     protect_tasks_weight: float = _LIBRARY["protect_tasks_weight"]
     seeds: int = 3
-    methods: tuple = METHODS
+    methods: tuple = DEFAULT_METHODS
     workers: int = 2            # processes that run methods side by side, one torch thread each
 
     def lr_of(self, method: str) -> float:
@@ -80,5 +93,5 @@ class DemoSettings:
 # --quick: <= 5 min on 2 CPU cores (two workers with one torch thread each; measured, see README). Full fine-tuning,
 # the costliest run (it steps all 22.7 M weights), is left out of the quick default and added with --methods.
 QUICK = DemoSettings(n_train=80, n_test=24, retrieval_pairs=100, steps=30, max_length=40, seeds=1,
-                     methods=tuple(m for m in METHODS if m != "full-ft"))
+                     methods=tuple(m for m in DEFAULT_METHODS if m != "full-ft"))
 DEFAULT = DemoSettings()
