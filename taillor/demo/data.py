@@ -226,16 +226,18 @@ def _django_catalogs() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found, key=lambda item: item[1]))
 
 
-def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
-    """Task 2: language of a Django UI string (8 balanced classes).
+def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: int = 40, seed: int = 0,
+                min_chars: int = 12) -> Task:
+    """Which Django locale a UI string comes from: one balanced class per ``locales`` entry (label -> locale
+    directory; ``"en"`` uses the msgids themselves).
 
     Translations of the same message always fall in the same split, so the test set holds unseen messages.
     Strings shorter than ``min_chars`` (after removing placeholders and markup) and strings that occur in more
-    than one language (e.g. untranslated ones) are dropped.
+    than one locale (e.g. untranslated ones) are dropped.
     """
-    labels = list(LANGUAGES)
+    labels = list(locales)
     by_lang: dict[str, dict[str, str]] = {}  # label -> text -> msgid (the split group)
-    for label, loc in LANGUAGES.items():
+    for label, loc in locales.items():
         files = django_locale_files(loc)
         if not files:
             raise DataUnavailable(f"Django has no catalogs for locale {loc!r}")
@@ -257,7 +259,34 @@ def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars
         for t in pools[i]:
             group_of[t] = by_lang[label][t]
     train, test = _balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
-    return Task("language", labels, train, test, source=os.path.dirname(django_locale_files("en")[0]))
+    source = os.path.dirname(os.path.dirname(os.path.dirname(django_locale_files(next(iter(locales.values())))[0])))
+    return Task(name, labels, train, test, source=source)
+
+
+def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
+    """Language of a Django UI string (8 balanced classes, :data:`LANGUAGES`); see :func:`locale_task`."""
+    return locale_task("language", LANGUAGES, n_train, n_test, seed, min_chars)
+
+
+def order_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_words: int = 8) -> Task:
+    """Word order: is a BSD fortune as written, or rotated at its middle word (second half first)?
+
+    A bag of words cannot tell the classes apart (both hold the same words), so this tests what a mean-pooled
+    sentence embedding keeps of order. Each fortune (all :data:`FORTUNE_FILES`, at least ``min_words`` words)
+    appears once, in one class: a seeded shuffle assigns alternate fortunes to each class, so a test text's other
+    version is never seen.
+    """
+    folder = fortune_dir()
+    texts = sorted({t for name in FORTUNE_FILES for t in read_fortunes(os.path.join(folder, name))
+                    if len(t.split()) >= min_words})
+    random.Random(seed).shuffle(texts)
+    pools: dict[int, list[str]] = {0: [], 1: []}
+    for i, text in enumerate(texts):
+        words = text.split()
+        half = len(words) // 2
+        pools[i % 2].append(text if i % 2 == 0 else " ".join(words[half:] + words[:half]))
+    train, test = _balanced_split(pools, n_train, n_test, seed)
+    return Task("order", ["as written", "halves swapped"], train, test, source=folder)
 
 
 # ------------------------------------------------------------------------------------------------ stdlib

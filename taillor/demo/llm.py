@@ -6,8 +6,8 @@ modelling tasks in a row, German prose, Python code and a numeric CSV table (:mo
 ``taillor.hf_trainer.TailLoRTrainer`` and ``train_tasks`` (the plain ``transformers.Trainer`` for the baselines;
 the same arguments otherwise). After each task it measures the perplexity on every task and on held-out English
 (never trained on), the retention probe (agreement with the base model's own answers to held-out instructions,
-:mod:`taillor.demo.llm_probe`), and greedy continuations of one English and one German prompt. The methods are those of
-:mod:`taillor.demo.llm_methods`, frozen base model included: it is the reference of every plasticity number.
+:mod:`taillor.demo.llm_probe`), and greedy continuations of one English and one German prompt. The methods are
+those of :mod:`taillor.demo.llm_methods`, frozen base model included: it is the reference of every plasticity number.
 After the last task each TailLoR model is exported with ``taillor.export_lora``, loaded onto a fresh base model
 with ``peft.PeftModel.from_pretrained`` and must reproduce its perplexities (the serving check).
 
@@ -68,7 +68,8 @@ class LLMSettings:
 # --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
 # Full fine-tuning (every weight trains: the costliest run) is left out of the quick default; --methods adds it.
 QUICK = LLMSettings(block_tokens=64, batch_size=2, grad_accum=2, steps=10, eval_blocks=6, seeds=1,
-                    generate_tokens=12, probe_prompts=24, probe_tokens=24, spectral_blocks=(0, 29), methods=tuple(m for m in METHODS if m != "full-ft"))
+                    generate_tokens=12, probe_prompts=24, probe_tokens=24, spectral_blocks=(0, 29),
+                    methods=tuple(m for m in METHODS if m != "full-ft"))
 DEFAULT = LLMSettings()
 
 
@@ -260,7 +261,8 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
             result["generations"].append(generations)
             log(f"  {name:<14} seed {seed} after {TASKS[index]}: ppl " +
                 " ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, ppl)) +
-                f" | probe agreement {probe['agreement']:.3f} | {info['tokens_per_second']:.0f} tok/s, {runtime:.0f}s")
+                f" | probe agreement {probe['agreement']:.3f} | {info['tokens_per_second']:.0f} tok/s, "
+                f"{runtime:.0f}s")
             for k, text in generations.items():
                 log(f"      {k:<7} {PROMPTS[k]!r} → {text!r}")
 
@@ -352,7 +354,8 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
         "settings": asdict(settings),
         "data": ctx["sizes"],
         "prompts": PROMPTS,
-        "base": {"ppl": dict(zip(DOMAINS, base)), "generations": ctx["base_generations"], "probe": ctx["base_probe"]},
+        "base": {"ppl": dict(zip(DOMAINS, base)), "generations": ctx["base_generations"],
+                 "probe": ctx["base_probe"]},
         "runs": runs,
         "summary": agg,
         "serving_check": serving,
