@@ -38,6 +38,7 @@ __all__ = [
     "Task",
     "RetrievalSet",
     "fortunes_task",
+    "locale_task",
     "language_task",
     "stdlib_task",
     "retrieval_pairs",
@@ -266,27 +267,6 @@ def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: 
 def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
     """Language of a Django UI string (8 balanced classes, :data:`LANGUAGES`); see :func:`locale_task`."""
     return locale_task("language", LANGUAGES, n_train, n_test, seed, min_chars)
-
-
-def order_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_words: int = 8) -> Task:
-    """Word order: is a BSD fortune as written, or rotated at its middle word (second half first)?
-
-    A bag of words cannot tell the classes apart (both hold the same words), so this tests what a mean-pooled
-    sentence embedding keeps of order. Each fortune (all :data:`FORTUNE_FILES`, at least ``min_words`` words)
-    appears once, in one class: a seeded shuffle assigns alternate fortunes to each class, so a test text's other
-    version is never seen.
-    """
-    folder = fortune_dir()
-    texts = sorted({t for name in FORTUNE_FILES for t in read_fortunes(os.path.join(folder, name))
-                    if len(t.split()) >= min_words})
-    random.Random(seed).shuffle(texts)
-    pools: dict[int, list[str]] = {0: [], 1: []}
-    for i, text in enumerate(texts):
-        words = text.split()
-        half = len(words) // 2
-        pools[i % 2].append(text if i % 2 == 0 else " ".join(words[half:] + words[:half]))
-    train, test = _balanced_split(pools, n_train, n_test, seed)
-    return Task("order", ["as written", "halves swapped"], train, test, source=folder)
 
 
 # ------------------------------------------------------------------------------------------------ stdlib
