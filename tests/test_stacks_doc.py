@@ -100,3 +100,14 @@ def test_peft_snippet(tmp_path, monkeypatch):
     assert isinstance(ns["merged"], transformers.LlamaForCausalLM) and not consolidated(ns["merged"])
     for folder in ("peft", "lora"):
         assert os.path.exists(tmp_path / "out" / folder / "adapter_model.safetensors")
+
+
+def test_readme_snippets_are_the_documented_ones():
+    """README's usage snippets are docs/stacks.md's, word for word, so the tests above run what README shows."""
+    readme = (DOC.parents[1] / "README.md").read_text()
+    usage = readme.split("## Use it in your stack", 1)[1].split("\n## ", 1)[0]
+    shown = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+    assert len(shown) == 3, "README shows the plain PyTorch, Trainer/TRL and PEFT snippets"
+    documented = set(snippets().values())
+    for code in shown:
+        assert code in documented, f"README snippet not in docs/stacks.md:\n{code}"
