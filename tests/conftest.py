@@ -55,6 +55,13 @@ TOLERANCE = {
     "orthonormal, loose": (1e-4, 0.0),
     # one matrix of a mixed batch against its exact singular values, both divided by max(1, largest value);
     "batch member": (1e-6, 1e-3),
+    # One float32 scalar against its float64 oracle, as |actual − oracle| / |oracle|: a penalty or a head share (one
+    # rounded reduction), an adapted strength (a log, an exp and a clamp of them): tighter than a layer's elementwise
+    # "oracle" bound, since nothing accumulates across a product.
+    "scalar": 1e-5,
+    # A float32 product with entries of order one that is zero in exact arithmetic (A·V_h after the tail init):
+    # absolute, a few ulps.
+    "exact zero": (1e-6, 0.0),
 }
 
 
@@ -97,6 +104,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: 
     assert actual.shape == expected.shape, f"{label}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     diff = normalized_error(actual, expected)
     assert diff <= bound, f"{label}: normalized difference {diff:.3e} > {bound:.1e}"
+
+
+def assert_scalar_matches(actual, oracle: float, what: str = "") -> None:
+    """A float32 scalar (a float or a 0-dim / one-element tensor) against its float64 ``oracle`` within
+    TOLERANCE["scalar"], relative (absolute when the oracle is 0)."""
+    value = float(actual.detach().reshape(())) if isinstance(actual, torch.Tensor) else float(actual)
+    err = abs(value - oracle) / (abs(oracle) if oracle != 0 else 1.0)
+    assert err <= TOLERANCE["scalar"], f"{what}: {value!r} against oracle {oracle!r}, relative error {err:.3e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
