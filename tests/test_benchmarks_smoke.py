@@ -26,6 +26,7 @@ def _env(**extra) -> dict:
     return env
 
 
+@pytest.mark.slow  # every benchmark suite once, in a pytest subprocess
 def test_benchmark_suites_run_once(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
@@ -110,7 +111,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert names == ["install", "info", "tests", "speed", "ext_wait", "ext_tests", "frames", "report"]
     total = sum(int(s[1]) for s in stages)
     summary = next(ln for ln in proc.stdout.splitlines() if ln.startswith("budgets sum to"))
-    assert summary == f"budgets sum to {total}s; cap 465s" and total < 465 <= 480
+    assert summary == f"budgets sum to {total}s; cap 465s" and total < 465  # the stages fit under the cap
     if torch.cuda.is_available():
         assert "Nothing was run" in proc.stdout
     else:
