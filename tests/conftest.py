@@ -28,7 +28,10 @@ TOLERANCE = {
     "flat spectrum": {torch.float32: 1e-3, torch.bfloat16: 1e-2},
     # Randomized SVD of a matrix whose rank fits in the sketch (the algorithm is then exact): what is left is the
     # input dtype's rounding, as the relative error of the singular values.
-    "exact sketch": {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10},
+    "exact sketch": {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4, torch.float64: 1e-10},
+    # A float32 matrix of exact rank r below the sketch: its singular values past r, relative to the largest, and
+    # the rank-k reconstruction's error, relative to ‖A‖ (zero in exact arithmetic).
+    "rank deficient": 1e-5,
     # Two float32 computations of one value (no oracle involved). A number is a bound on the normalized difference
     # max|a − b| / max|b|; a pair is elementwise (atol, rtol) as in torch.testing.assert_close:
     # the same layer step on another backend with the same dropout mask (normalized);
@@ -55,10 +58,14 @@ TOLERANCE = {
     "orthonormal, loose": (1e-4, 0.0),
     # one matrix of a mixed batch against its exact singular values, both divided by max(1, largest value);
     "batch member": (1e-6, 1e-3),
-    # One float32 scalar against its float64 oracle, as |actual − oracle| / |oracle|: a penalty or a head share (one
-    # rounded reduction), an adapted strength (a log, an exp and a clamp of them): tighter than a layer's elementwise
-    # "oracle" bound, since nothing accumulates across a product.
+    # One float32 scalar against its float64 oracle (or the same value computed another way), as
+    # |actual − oracle| / |oracle|: a penalty (one rounded reduction), an adapted strength (a log, an exp and a clamp),
+    # a perplexity or a norm ratio: tighter than a layer's elementwise "oracle" bound, nothing accumulates across a
+    # product.
     "scalar": 1e-5,
+    # A head share (in [0, 1]) against its oracle, or against the same share from the weights: absolute, since the
+    # share of an update orthogonal to the head is 0 up to rounding.
+    "share": 1e-5,
     # A float32 product with entries of order one that is zero in exact arithmetic (A·V_h after the tail init):
     # absolute, a few ulps.
     "exact zero": (1e-6, 0.0),
@@ -106,12 +113,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: 
     assert diff <= bound, f"{label}: normalized difference {diff:.3e} > {bound:.1e}"
 
 
-def assert_scalar_matches(actual, oracle: float, what: str = "") -> None:
-    """A float32 scalar (a float or a 0-dim / one-element tensor) against its float64 ``oracle`` within
-    TOLERANCE["scalar"], relative (absolute when the oracle is 0)."""
+def assert_scalar_matches(actual, oracle: float, what: str = "", kind: str = "scalar") -> None:
+    """A scalar (a float or a one-element tensor) against ``oracle`` within TOLERANCE[kind]: "scalar" relative
+    (absolute when the oracle is 0), "share" absolute."""
     value = float(actual.detach().reshape(())) if isinstance(actual, torch.Tensor) else float(actual)
-    err = abs(value - oracle) / (abs(oracle) if oracle != 0 else 1.0)
-    assert err <= TOLERANCE["scalar"], f"{what}: {value!r} against oracle {oracle!r}, relative error {err:.3e}"
+    scale = abs(oracle) if kind != "share" and oracle != 0 else 1.0
+    err = abs(value - oracle) / scale
+    assert err <= TOLERANCE[kind], f"{what}: {value!r} against {oracle!r}, {kind} error {err:.3e} > {TOLERANCE[kind]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_reference_value_on_request(frame):
 @pytest.mark.parametrize("weighting", ["head", "sigma2"])
 def test_head_share_matches_dense_definition(frame, weighting):
     layer = make_layer(frame, weighting)
-    assert_scalar_matches(layer.head_share(), dense_head_share(layer), "head share")
+    assert_scalar_matches(layer.head_share(), dense_head_share(layer), "head share", kind="share")
     fresh = taillor.TailLoRLinear.from_linear(nn.Linear(40, 56), rank=3, head=6, frame=frame)
     assert float(fresh.head_share()) == 0.0  # B = 0: no update, share defined as 0
 
