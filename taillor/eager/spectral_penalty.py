@@ -25,35 +25,38 @@ def in_compute_dtype(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tens
     return A.to(dtype), B.to(dtype), None if U is None else U.to(dtype), None if V is None else V.to(dtype)
 
 
-def head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _head_coordinates(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(B_h, A_h): B and A seen in the head coordinates (identity in full mode)."""
     if U is None:
         return B, A
     return U.t() @ B, A @ V
 
 
-def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
-                             coeff: float) -> Tensor:
-    out_dtype = A.dtype
+def penalty_grams(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor) -> tuple:
+    """One layer's penalty operands in the compute dtype: (A, B, U, V, B_h, A_h) and the four r×r Grams
+    (gram_A = A Aᵀ, gram_B = Bᵀ B, left = B_hᵀ D B_h, right = A_h D A_hᵀ). One place, so that every eager kernel
+    built on them (value, gradient, the batched op's single layer) computes the same bits."""
     A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = head_coordinates(A, B, U, V)
+    B_h, A_h = _head_coordinates(A, B, U, V)
     gram_A = A @ A.t()
     gram_B = B.t() @ B
     left = (B_h.t() * omega2) @ B_h
     right = (A_h * omega2) @ A_h.t()
+    return A, B, U, V, B_h, A_h, gram_A, gram_B, left, right
+
+
+def spectral_penalty_forward(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor,
+                             coeff: float) -> Tensor:
+    out_dtype = A.dtype
+    *_, gram_A, gram_B, left, right = penalty_grams(A, B, U, V, omega2)
     return (coeff * ((left * gram_A).sum() + (gram_B * right).sum())).to(out_dtype)
 
 
 def spectral_penalty_backward(grad: Tensor, A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor],
                               omega2: Tensor, coeff: float) -> tuple[Tensor, Tensor]:
     out_dtype = A.dtype
-    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = head_coordinates(A, B, U, V)
+    A, B, U, V, B_h, A_h, gram_A, gram_B, left, right = penalty_grams(A, B, U, V, omega2)
     factor = 2.0 * coeff * grad
-    gram_A = A @ A.t()
-    gram_B = B.t() @ B
-    left = (B_h.t() * omega2) @ B_h
-    right = (A_h * omega2) @ A_h.t()
     weighted_B_h = B_h * omega2[:, None]
     weighted_A_h = A_h * omega2
     if U is None:

@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .spectral_penalty import head_coordinates, in_compute_dtype, spectral_penalty_backward
+from .spectral_penalty import in_compute_dtype, penalty_grams, spectral_penalty_backward
 
 
 def _batched_grams(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], omega2: Tensor):
@@ -32,12 +32,7 @@ def _one_layer(A: Tensor, B: Tensor, U: Optional[Tensor], V: Optional[Tensor], o
     """(value, total) of one layer, 0-dim: the value as :func:`spectral_penalty_forward` computes it (the same
     operations, so the same bits), the total from its Gram matrices."""
     out_dtype = A.dtype
-    A, B, U, V = in_compute_dtype(A, B, U, V, omega2)
-    B_h, A_h = head_coordinates(A, B, U, V)
-    gram_A = A @ A.t()
-    gram_B = B.t() @ B
-    left = (B_h.t() * omega2) @ B_h
-    right = (A_h * omega2) @ A_h.t()
+    *_, gram_A, gram_B, left, right = penalty_grams(A, B, U, V, omega2)
     value = coeff * ((left * gram_A).sum() + (gram_B * right).sum())
     return value.to(out_dtype), (coeff * (gram_A * gram_B).sum()).to(out_dtype)
 
