@@ -107,7 +107,7 @@ def test_readme_snippets_are_the_documented_ones():
     readme = (DOC.parents[1] / "README.md").read_text()
     usage = readme.split("## Use it in your stack", 1)[1].split("\n## ", 1)[0]
     shown = re.findall(r"```python\n(.*?)```", usage, flags=re.S)
-    assert len(shown) == 3, "README shows the plain PyTorch, Trainer/TRL and PEFT snippets"
+    assert len(shown) == 4, "README shows the plain PyTorch, Trainer, TRL and PEFT snippets"
     documented = set(snippets().values())
     for code in shown:
         assert code in documented, f"README snippet not in docs/stacks.md:\n{code}"
