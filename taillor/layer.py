@@ -1,9 +1,10 @@
 """TailLoRLinear: a frozen nn.Linear plus a low-rank update learned in its spectral frame.
 
 The module owns the parameters (A, B), the frame, the penalty's strength and the record of consolidated tasks,
-and exports and loads that record (its part of a saved adapter: :meth:`TailLoRLinear.export_record`,
-:func:`taillor.record.check_record`, :meth:`TailLoRLinear.load_record`). The math lives in :mod:`taillor.functional`; where A and
-B live (full or head frame) in :mod:`taillor.frame.modes`; access to the wrapped weight in :mod:`taillor.base`.
+and exports and loads that record (its part of a saved adapter: :meth:`TailLoRLinear.export_record` and
+:meth:`TailLoRLinear.load_record`; :mod:`taillor.record` checks a record before it is loaded). The math lives in
+:mod:`taillor.functional`; where A and B live (full or head frame) in :mod:`taillor.frame.modes`; access to the
+wrapped weight in :mod:`taillor.base`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
-from .record import check_record, record_shapes  # noqa: F401  (re-exported: the layer writes what they check)
 from .strength import adapt_strength, head_share
 
 
@@ -365,7 +365,7 @@ class TailLoRLinear(nn.Module):
 
     @_whole
     def load_record(self, tensors: dict[str, Tensor], meta: dict) -> None:
-        """Restore a record of :meth:`export_record` (checked first with :func:`check_record`) onto this fresh
+        """Restore a record of :meth:`export_record` (checked first with :func:`taillor.record.check_record`) onto this fresh
         layer: replay the consolidated tasks into the base weight (the same folds, so the same weight bit for bit
         on the same device), re-express the adapter in this machine's frame (A, B from P, Q), restore λ, merge if
         it was merged."""

@@ -34,8 +34,9 @@ from peft.utils.peft_types import PeftType, register_peft_method
 from torch import nn
 
 from .config import TailLoRConfig
-from .layer import RECORD_TENSORS, TailLoRLinear, check_record
+from .layer import TailLoRLinear
 from .model import apply_taillor, iter_taillor_layers, merge_and_unload as merge_all
+from .record import RECORD_TENSORS, check_record
 
 NAME = "taillor"
 PEFT_TYPE = NAME.upper()

@@ -304,7 +304,7 @@ def test_saved_penalty_strength_round_trips_and_is_checked(tmp_path):
 
 def test_layer_record_round_trip_on_one_layer():
     """export_record / check_record / load_record without the file format: the layer's own record."""
-    from taillor.layer import check_record
+    from taillor.record import check_record
     torch.manual_seed(0)
     linear = nn.Linear(24, 20)
     layer = taillor.TailLoRLinear.from_linear(copy.deepcopy(linear), rank=3, head=4)
