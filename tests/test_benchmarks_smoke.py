@@ -40,10 +40,10 @@ def test_benchmark_suites_run_once(tmp_path):
     assert len(full_names) == len(set(full_names)), "a benchmark ran twice"
     names = {b["name"].split("[")[0] for b in data["benchmarks"]}
     assert names == {"test_tail_adapter", "test_spectral_projection", "test_randomized_svd", "test_spectral_penalty",
-                     "test_build_frames"}
+                     "test_adaptive_strength_penalty", "test_build_frames"}
     ratio_keys = {"test_tail_adapter": "ratio_to_floor", "test_spectral_projection": "ratio_to_matmul",
                   "test_randomized_svd": "ratio_to_svd_lowrank", "test_spectral_penalty": "ratio_to_gram",
-                  "test_build_frames": "speedup_vs_svd_lowrank"}
+                  "test_adaptive_strength_penalty": "ratio_to_fixed", "test_build_frames": "speedup_vs_svd_lowrank"}
     methods = set()
     for bench in data["benchmarks"]:
         extra = bench["extra_info"]
