@@ -136,7 +136,8 @@ def test_gemm_configs_include_hopper_tiles():
 # ---------------------------------------------------------------------------------------------------------------
 def _kernel_names():
     names = set()
-    for module in (K.tail_adapter, K.tail_adapter_onepass, K.pair_gemm, K.spectral_projection, K.spectral_penalty):
+    for module in (K.tail_adapter, K.tail_adapter_onepass, K.pair_gemm, K.spectral_projection, K.spectral_penalty,
+                   K.spectral_penalty_batched):
         names |= {n for n, obj in vars(module).items() if n.endswith("_kernel") and hasattr(obj, "fn")}
     return names
 
@@ -148,7 +149,7 @@ def test_aot_specializations_are_the_call_sites(monkeypatch):
     from taillor.check_kernels import config_for, specializations
     entries = specializations()
     assert {e["kernel"].fn.__name__ for e in entries} == _kernel_names() == {
-        "_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel", "_dy_pass_kernel"}
+        "_tail_gemm_kernel", "_pair_kernel", "_penalty_gram_kernel", "_dy_pass_kernel", "_batched_gram_kernel"}
     labels = {e["dtype"] for e in entries}
     assert {"fp32 T%16=0", "fp16 T%16=0", "bf16 T%16=0", "bf16 odd T", "fp32 -> bf16", "fp32"} <= labels
 
@@ -169,14 +170,17 @@ def test_aot_specializations_are_the_call_sites(monkeypatch):
 
 @pytest.mark.slow
 def test_check_kernels_compiles_for_sm80_and_sm90(monkeypatch):
-    """A subset here (the projections: 3 specializations x 2 archs); `make test` runs the whole check."""
+    """A subset here (the projections: 3 specializations x every config x 2 archs); `make test` runs the whole
+    check."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from taillor.check_kernels import specializations
+    expected = 2 * sum(len(e["configs"]) for e in specializations() if "projection forward" in e["site"])
     proc = subprocess.run([sys.executable, "-m", "taillor.check_kernels", "--arch", "sm_80,sm_90",
                            "--only", "projection forward"], env=dict(os.environ), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("_pair_kernel")]
-    assert len(rows) == 6 and all(ln.rstrip().endswith("ok") for ln in rows), proc.stdout
+    assert len(rows) == expected >= 6 and all(ln.rstrip().endswith("ok") for ln in rows), proc.stdout
     for label in ("fp32 -> fp32", "fp32 -> fp16", "fp32 -> bf16"):
         for arch in ("sm_80", "sm_90"):
             assert any(label in ln and arch in ln for ln in rows), (label, arch)
