@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("taillor._kernels")
+pytest.importorskip("triton", reason="the Triton kernels need triton")
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ import torch
 from torch import nn
 
 from conftest import assert_matches_oracle
-from taillor.demo import llm_data
+from taillor.demo import llm_data, llm_probe
 from taillor.demo.data import DataUnavailable
-
-llm_probe = pytest.importorskip("taillor.demo.llm_probe", reason="the LLM demo needs torch")
 
 
 class Bigram(nn.Module):
