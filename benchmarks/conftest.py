@@ -9,34 +9,15 @@
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
 
 
-def _import_pypi_kernels() -> None:
-    """Import the PyPI package ``kernels`` (when installed) before anything else does. The repository's kernels/
-    folder is the package taillor._kernels; whenever the repository root is on sys.path (``python -m pytest``, or
-    pytest importing benchmarks/ as a package) it would also be found as a top-level ``kernels`` and shadow the
-    PyPI package, which transformers >= 5.25 imports. (The same guard stands in tests/conftest.py.)"""
-    root = Path(__file__).resolve().parents[1]
-    cached = sys.modules.get("kernels")
-    if cached is not None and root in Path(getattr(cached, "__file__", None) or "/").resolve().parents:
-        del sys.modules["kernels"]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        if importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
-    finally:
-        sys.path[:] = saved
-
-
-_import_pypi_kernels()
+# The same guard as the test suite's: PyPI's ``kernels`` before the repository's kernels/ folder can shadow it.
+runpy.run_path(str(Path(__file__).parents[1] / "tests" / "pypi_kernels.py"))["import_pypi_kernels"]()
 
 
 def pytest_addoption(parser):
