@@ -4,10 +4,10 @@
 //
 //   l     = min(k + oversample, min(m, n))            sketch width
 //   Omega = Gaussian (n x l)                          Philox4x32-10, counter = element index, key = seed
-//   Q     = orth(A Omega)                             (m x l), range finder
+//   Q     = orth1(A Omega)                            (m x l), range finder
 //   repeat niter times:                               subspace (power) iteration
-//       Z = orth(A^T Q)                               (n x l)
-//       Q = orth(A Z)                                 (m x l)
+//       Z = orth1(A^T Q)                              (n x l)
+//       Q = orth1(A Z)   (orth2 on the last iteration) (m x l)
 //   Bt    = A^T Q                                     (n x l), B = Q^T A = Bt^T
 //   G     = Bt^T Bt = Q^T A A^T Q                     (l x l), formed in float64
 //   G     = E diag(lambda) E^T                        symmetric eigensolver (float64), lambda descending
@@ -17,19 +17,22 @@
 // * A is converted to float32 once (half inputs included) and every product with A is a float32 cuBLAS
 //   strided-batched GEMM with CUBLAS_COMPUTE_32F_PEDANTIC, so a global TF32 setting cannot degrade it.
 //   precision "tf32" (opt-in) runs the range finder's products (A Omega and every power iteration) with
-//   CUBLAS_COMPUTE_32F_FAST_TF32 on tensor cores; they only shape the subspace Q, which CholeskyQR2 keeps
+//   CUBLAS_COMPUTE_32F_FAST_TF32 on tensor cores; they only shape the subspace Q, which CholeskyQR keeps
 //   orthonormal in float64. The Rayleigh-Ritz product Bt = A^T Q that sets sigma, U and V stays in float32.
-// * orth() is CholeskyQR2: G = X^T X, R = chol(G) (upper), X <- X R^{-1}, done twice. It is a few GEMMs
-//   and a batched l x l Cholesky instead of a sequential Householder sweep over m rows, so it is fast for
-//   tall-skinny batches. One CholeskyQR pass loses orthogonality like u * cond(X)^2 (u: unit roundoff of
-//   the Gram, the Cholesky and the solve); the second pass sees cond ~ 1 and restores orthogonality to ~u.
+// * orth() is CholeskyQR: G = X^T X, R = chol(G) (upper), X <- X R^{-1}. It is a few GEMMs and a batched
+//   l x l Cholesky instead of a sequential Householder sweep over m rows, so it is fast for tall-skinny
+//   batches. One pass (orth1) loses orthogonality like u * cond(X)^2 (u: unit roundoff of the float64 Gram,
+//   Cholesky and solve): about 1e-6 at the flag threshold below, so the basis is well conditioned, which is all
+//   a power step needs. The basis that is kept (the last one) gets a second pass (orth2, CholeskyQR2), which
+//   sees cond ~ 1 and restores orthogonality to ~u. The eager oracle does the same; one pass instead of two on
+//   every intermediate basis cuts the float64 work of the range finder from 2 + 4 niter to 2 + 2 niter passes.
 // * The Gram, the Cholesky and the triangular solve run in float64: the float32 data are exact in float64,
 //   so squaring the condition number is harmless for cond(X) up to ~1e7, where a float32 Gram would
 //   already fail at cond(X) ~ 3e3. This matters because the sketch of a decaying spectrum, or of a
 //   rank-deficient matrix, is ill-conditioned by construction.
 // * Fallback: a matrix of the batch whose Cholesky fails (cuSOLVER info != 0, e.g. a zero or exactly
 //   rank-deficient sketch) or whose Cholesky factor has max(diag R) / min(diag R) > kMaxDiagRatio = 1e5
-//   (a lower bound of cond(X); the Gram is then too ill-conditioned to trust) in either pass of any orth()
+//   (a lower bound of cond(X); the Gram is then too ill-conditioned to trust) in any pass of any orth()
 //   of the range finder is flagged on the device; after the range finder, the flagged matrices redo it with
 //   Householder QR (at::linalg_qr, column signs fixed so that diag(R) >= 0, like CholeskyQR) for every
 //   orth(). Householder QR is unconditionally stable and returns orthonormal columns even for zero columns;
@@ -43,13 +46,13 @@
 // Everything runs on the current CUDA stream: cuBLAS through torch's handle, cuSOLVER through a handle of
 // our own (one per thread and device), ATen ops on the current stream.
 //
-// Host synchronisations: a constant number per call, none per power iteration. CholeskyQR2 flags the matrices it
+// Host synchronisations: a constant number per call, none per power iteration. CholeskyQR flags the matrices it
 // cannot trust on the device, and the flags of every orth() of the range finder are OR-ed together; the
 // finiteness of A is checked on the device too, on the sketch A Omega (a NaN or Inf in A reaches it with
 // probability 1: a pass over m x l numbers instead of m x n). One copy to the host after the range finder reads
 // both: NaN/Inf raises ValueError; flagged matrices (rare: zero or exactly rank-deficient sketches) redo the range
-// finder with Householder QR for every orth(), from the same sketch. at::linalg_eigh checks its own errors (one
-// more synchronisation), and the final orth() of V reads its flags once.
+// finder with Householder QR for every orth(), from the same sketch. The batched eigensolver reads its
+// convergence flags (one more synchronisation), and the final orth() of V reads its flags once.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -61,6 +64,7 @@
 #include <cfloat>
 #include <limits>
 #include <unordered_map>
+#include <vector>
 
 #include "randomized_svd.h"
 
@@ -236,6 +240,51 @@ std::tuple<at::Tensor, at::Tensor> cholesky_upper_(at::Tensor& G, cusolverDnHand
   return {at::triu(G), info};
 }
 
+// Symmetric eigendecomposition of the batch G (b, c, c), float64, contiguous, like at::linalg_eigh(G): eigenvalues
+// ascending (b, c) and eigenvectors as columns (b, c, c). For c > 32, at::linalg_eigh calls cuSOLVER once per
+// matrix (224 sequential, latency-bound calls for a 7B model's head frames); cuSOLVER >= 11.7.1 solves the whole
+// batch in one call (cusolverDnXsyevBatched). Matrices it does not converge on (info != 0) and a cuSOLVER without
+// that routine, or one that refuses the call, take at::linalg_eigh. One host synchronisation (the info flags).
+std::tuple<at::Tensor, at::Tensor> batched_eigh(const at::Tensor& G, cusolverDnHandle_t solver) {
+  TORCH_INTERNAL_ASSERT(G.scalar_type() == at::kDouble && G.is_contiguous() && G.dim() == 3);
+#if defined(CUSOLVER_VERSION) && CUSOLVER_VERSION >= 11701
+  const int64_t batch = G.size(0), c = G.size(1);
+  // G is symmetric, so its row-major storage is also its column-major storage. cuSOLVER overwrites it with the
+  // eigenvectors as column-major columns, which read row-major are rows: transposed back below.
+  at::Tensor A = G.clone();
+  at::Tensor W = at::empty({batch, c}, G.options());
+  at::Tensor info = at::zeros({batch}, G.options().dtype(at::kInt));
+  cusolverDnParams_t params = nullptr;
+  TAILLOR_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+  size_t device_bytes = 0, host_bytes = 0;
+  cusolverStatus_t status = cusolverDnXsyevBatched_bufferSize(
+      solver, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, c, CUDA_R_64F, A.data_ptr(), c, CUDA_R_64F,
+      W.data_ptr(), CUDA_R_64F, &device_bytes, &host_bytes, batch);
+  std::vector<char> host_workspace(host_bytes);
+  if (status == CUSOLVER_STATUS_SUCCESS) {
+    at::Tensor device_workspace = at::empty({static_cast<int64_t>(device_bytes)}, G.options().dtype(at::kByte));
+    status = cusolverDnXsyevBatched(solver, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, c, CUDA_R_64F,
+                                    A.data_ptr(), c, CUDA_R_64F, W.data_ptr(), CUDA_R_64F,
+                                    device_workspace.data_ptr(), device_bytes,
+                                    host_bytes > 0 ? host_workspace.data() : nullptr, host_bytes,
+                                    info.data_ptr<int>(), batch);
+  }
+  TAILLOR_CUSOLVER_CHECK(cusolverDnDestroyParams(params));
+  if (status == CUSOLVER_STATUS_SUCCESS) {
+    const at::Tensor failed = info.ne(0);
+    at::Tensor E = A.transpose(1, 2).contiguous();
+    if (failed.any().item<bool>()) {  // also the synchronisation that keeps host_workspace alive long enough
+      const at::Tensor idx = failed.nonzero().view({-1});
+      auto [w, e] = at::linalg_eigh(G.index_select(0, idx), "L");
+      W.index_copy_(0, idx, w);
+      E.index_copy_(0, idx, e);
+    }
+    return {W, E};
+  }
+#endif
+  return at::linalg_eigh(G, "L");
+}
+
 // Householder QR of X (b, r, c), r >= c, with column signs fixed so that diag(R) >= 0 (like CholeskyQR):
 // unconditionally stable, and orthonormal columns even for zero columns.
 at::Tensor householder_orth(const at::Tensor& X) {
@@ -245,17 +294,18 @@ at::Tensor householder_orth(const at::Tensor& X) {
   return (Q * sign.unsqueeze(-2)).contiguous();
 }
 
-// CholeskyQR2 of X (b, r, c), float32, r >= c, in float64: Q (b, r, c) float32 and, on the device, the flags
-// (b,) bool of the matrices whose result cannot be trusted (Cholesky failure or diag-ratio above kMaxDiagRatio in
-// either pass). No host synchronisation.
-std::tuple<at::Tensor, at::Tensor> cholesky_qr2(const at::Tensor& X, cusolverDnHandle_t solver) {
+// `passes` CholeskyQR passes over X (b, r, c), float32, r >= c, in float64 (2: CholeskyQR2, orthonormal to
+// working precision; 1: well conditioned): Q (b, r, c) float32 and, on the device, the flags (b,) bool of the
+// matrices whose result cannot be trusted (Cholesky failure or diag-ratio above kMaxDiagRatio in any pass).
+// No host synchronisation.
+std::tuple<at::Tensor, at::Tensor> cholesky_qr(const at::Tensor& X, cusolverDnHandle_t solver, int passes) {
   TORCH_INTERNAL_ASSERT(X.dim() == 3 && X.scalar_type() == at::kFloat && X.size(1) >= X.size(2));
   const int64_t batch = X.size(0);
   const int64_t c = X.size(2);
   at::Tensor W = X.to(at::kDouble);
   at::Tensor bad = at::zeros({batch}, X.options().dtype(at::kBool));
   const at::Tensor eye = at::eye(c, W.options());
-  for (int pass = 0; pass < 2; ++pass) {
+  for (int pass = 0; pass < passes; ++pass) {
     at::Tensor G = bgemm(W, /*trans_a=*/true, W, /*trans_b=*/false);  // W^T W, (b, c, c)
     auto [R, info] = cholesky_upper_(G, solver);
     const at::Tensor d = R.diagonal(0, -2, -1);
@@ -271,15 +321,16 @@ std::tuple<at::Tensor, at::Tensor> cholesky_qr2(const at::Tensor& X, cusolverDnH
   return {W.to(at::kFloat).contiguous(), bad};
 }
 
-// orth() of the range finder: CholeskyQR2 with its flags OR-ed into `flags` (robust == false), or Householder QR.
+// orth() of the range finder: `passes` CholeskyQR passes with their flags OR-ed into `flags` (robust == false),
+// or Householder QR.
 struct Orthonormalizer {
   cusolverDnHandle_t solver;
   bool robust;
   at::Tensor flags;  // (b,) bool on the device; unused when robust
 
-  at::Tensor operator()(const at::Tensor& X) {
+  at::Tensor operator()(const at::Tensor& X, int passes) {
     if (robust) return householder_orth(X);
-    auto [Q, bad] = cholesky_qr2(X, solver);
+    auto [Q, bad] = cholesky_qr(X, solver, passes);
     flags.logical_or_(bad);
     return Q;
   }
@@ -292,10 +343,10 @@ at::Tensor range_finder(const at::Tensor& A, const at::Tensor& omega, int64_t ni
                         at::Tensor* nonfinite, bool tf32) {
   const at::Tensor Y = bgemm(A, false, omega, false, tf32);  // (b, m, l)
   if (nonfinite != nullptr) *nonfinite = at::isfinite(Y).logical_not().flatten(1).any(1);
-  at::Tensor Q = orth(Y);
+  at::Tensor Q = orth(Y, niter > 0 ? 1 : 2);
   for (int64_t it = 0; it < niter; ++it) {
-    const at::Tensor Z = orth(bgemm(A, true, Q, false, tf32));  // A^T Q: (b, n, l)
-    Q = orth(bgemm(A, false, Z, false, tf32));                  // A Z:   (b, m, l)
+    const at::Tensor Z = orth(bgemm(A, true, Q, false, tf32), 1);           // A^T Q: (b, n, l)
+    Q = orth(bgemm(A, false, Z, false, tf32), it + 1 < niter ? 1 : 2);      // A Z:   (b, m, l)
   }
   return Q;
 }
@@ -322,12 +373,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   const at::Tensor A = A_in.to(at::kFloat).contiguous();  // half inputs: converted once
   cusolverDnHandle_t solver = solver_handle();
 
-  // Range finder with subspace iteration (CholeskyQR2, flags kept on the device).
+  // Range finder with subspace iteration (CholeskyQR, flags kept on the device).
   Orthonormalizer orth{solver, /*robust=*/false, at::zeros({batch}, A.options().dtype(at::kBool))};
   at::Tensor nonfinite;
   at::Tensor Q = range_finder(A, gaussian_sketch(batch, n, l, seed, f32), niter, orth, &nonfinite, tf32);
 
-  // The one host synchronisation of the range finder: NaN/Inf and the matrices CholeskyQR2 could not handle.
+  // The one host synchronisation of the range finder: NaN/Inf and the matrices CholeskyQR could not handle.
   const at::Tensor status = at::stack({nonfinite.any(), orth.flags.any()}).cpu();
   TORCH_CHECK_VALUE(!status[0].item<bool>(), "randomized_svd: A contains NaN or Inf (shape ", A_in.sizes(),
                     ", detected on the sketch A Omega)");
@@ -344,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   const at::Tensor Bt = bgemm(A, true, Q, false);  // A^T Q = B^T: (b, n, l)
   const at::Tensor Bt64 = Bt.to(at::kDouble);
   const at::Tensor G = bgemm(Bt64, true, Bt64, false);  // B B^T: (b, l, l)
-  auto [evals, evecs] = at::linalg_eigh(G, "L");       // ascending
+  auto [evals, evecs] = batched_eigh(G, solver);       // ascending
   const at::Tensor lambda = evals.flip({-1}).narrow(-1, 0, k);
   const at::Tensor E = evecs.flip({-1}).narrow(-1, 0, k).to(at::kFloat).contiguous();  // (b, l, k)
   const at::Tensor S64 = lambda.clamp_min(0.0).sqrt();                                  // (b, k)
@@ -356,7 +407,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randomized_svd_cuda(const at::Ten
   const at::Tensor keep = S64.gt(tol);
   const at::Tensor inv_sigma = at::where(keep, S64.reciprocal(), at::zeros_like(S64)).to(at::kFloat);
   const at::Tensor Vscaled = Vraw * inv_sigma.unsqueeze(-2);
-  auto [V, bad] = cholesky_qr2(Vscaled, solver);  // (b, n, k)
+  auto [V, bad] = cholesky_qr(Vscaled, solver, 2);  // (b, n, k)
   if (bad.any().item<bool>()) {  // zeroed (noise) columns: Householder completes them orthonormally
     const at::Tensor idx = bad.nonzero().view({-1});
     V.index_copy_(0, idx, householder_orth(Vscaled.index_select(0, idx)));

@@ -26,8 +26,9 @@ class TailLoRConfig:
     target_modules: names matched exactly or as a dotted suffix (a list), a regex matched in full (a str), or
         ``"all-linear"`` (every nn.Linear except the output head, as PEFT does). Required by ``apply_taillor``.
     exclude_modules: same conventions; matched modules are never wrapped.
-    frame: ``"full"`` (complete thin SVD; A, B in spectral coordinates) or ``"head"`` (top-h triplets only;
-        A, B in the layer's own coordinates).
+    frame: ``"head"`` (default: top-h triplets only; A, B in the layer's own coordinates, LoRA's learning rate,
+        about a quarter of the full frame's memory) or ``"full"`` (the paper's form: complete thin SVD; A, B in
+        spectral coordinates; about a third of LoRA's learning rate, see docs/decisions.md).
     head: h as an int count (1 <= h < m) or a float fraction of m in (0, 1).
     head_energy: if set, h is the smallest count whose squared singular values hold this share (0, 1) of the
         energy; overrides ``head``.
@@ -63,7 +64,7 @@ class TailLoRConfig:
     alpha: float = 16.0
     target_modules: TargetModules = None
     exclude_modules: TargetModules = None
-    frame: str = "full"
+    frame: str = "head"
     head: Union[int, float] = 0.25
     head_energy: Optional[float] = None
     penalty: float = 1.0
@@ -150,7 +151,8 @@ class TailLoRConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TailLoRConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        # A saved config names its frame; one that does not was written when "full" was the default.
+        return cls(**{"frame": "full", **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

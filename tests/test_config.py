@@ -48,6 +48,14 @@ def test_config_is_frozen_and_round_trips():
     assert taillor.TailLoRConfig(rank=4, use_rslora=True).scaling == 16 / 2
 
 
+def test_default_frame_is_head_and_configs_saved_without_a_frame_read_as_full():
+    assert taillor.TailLoRConfig().frame == "head"
+    saved = taillor.TailLoRConfig(rank=4, frame="full").to_dict()
+    assert saved["frame"] == "full" and taillor.TailLoRConfig.from_dict(saved).frame == "full"
+    del saved["frame"]  # written when "full" was the default
+    assert taillor.TailLoRConfig.from_dict(saved).frame == "full"
+
+
 def make_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 4)), nn.LayerNorm(4))
@@ -64,7 +72,7 @@ def snapshot(model):
     (taillor.TailLoRConfig(rank=1, head=4, target_modules=["0", "2.0"]), ValueError, "2.0: head=4 gives h=4"),
     (taillor.TailLoRConfig(rank=1), ValueError, "target_modules is required"),
     # full frames: 8·(8+16)·4 + 2·8·4 + 4·(16+4)·4 + 2·4·4 = 1184 bytes
-    (taillor.TailLoRConfig(rank=1, target_modules="all-linear", max_frame_bytes=1000), ValueError,
+    (taillor.TailLoRConfig(rank=1, target_modules="all-linear", frame="full", max_frame_bytes=1000), ValueError,
      r"full frames of 2 layers would take an estimated 1.2 KiB \(1184 bytes\), more than max_frame_bytes=1000; "
      r"alternatives: frame='head' with head=0.25 would take"),
 ])

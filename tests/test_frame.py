@@ -15,7 +15,7 @@ from test_randomized_svd import SPECTRA, largest_principal_angle, matrix_with_sp
 
 def test_full_frame_is_the_exact_thin_svd():
     W = torch.randn(30, 50, dtype=torch.float64)
-    frame = compute_frame(W, taillor.TailLoRConfig(head=5), "w")
+    frame = compute_frame(W, taillor.TailLoRConfig(frame="full", head=5), "w")
     assert frame.U.shape == (30, 30) and frame.S.shape == (30,) and frame.V.shape == (50, 30)
     torch.testing.assert_close((frame.U * frame.S) @ frame.V.t(), W)
     assert frame.head_size == 5
@@ -53,10 +53,10 @@ def test_full_frame_head_energy_uses_the_frames_own_spectrum(monkeypatch):
     def no_svdvals(*args, **kwargs):
         raise AssertionError("svdvals called: the full SVD already has every singular value")
     monkeypatch.setattr(torch.linalg, "svdvals", no_svdvals)
-    frame = compute_frame(W, taillor.TailLoRConfig(head_energy=0.9), "w")
+    frame = compute_frame(W, taillor.TailLoRConfig(frame="full", head_energy=0.9), "w")
     assert frame.head_size == 3 and frame.U.shape == (6, 6)
     assert frame.omega2.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    cached = compute_frame(W, taillor.TailLoRConfig(head_energy=0.9), "w")  # from the cache, same h
+    cached = compute_frame(W, taillor.TailLoRConfig(frame="full", head_energy=0.9), "w")  # from the cache, same h
     assert cached.head_size == 3
 
 
@@ -141,7 +141,7 @@ def test_full_and_head_frames_share_one_exact_svd(monkeypatch):
     W = torch.randn(20, 30)
     alone = compute_frame(W, taillor.TailLoRConfig(frame="head", head=7), "w")  # no full frame cached yet
     assert len(calls) == 1 and alone.U.shape == (20, 7)
-    full = compute_frame(W, taillor.TailLoRConfig(head=3), "w")
+    full = compute_frame(W, taillor.TailLoRConfig(frame="full", head=3), "w")
     assert len(calls) == 2
     heads = [compute_frame(W, taillor.TailLoRConfig(frame="head", head=h, seed=seed), "w")
              for h, seed in ((8, 0), (8, 1), (9, 0))]

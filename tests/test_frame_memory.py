@@ -86,7 +86,7 @@ def test_penalty_on_a_16_bit_head_frame_keeps_the_stored_frame_for_backward():
 
 def test_refused_budget_names_bytes_and_alternative_and_computes_nothing(monkeypatch):
     model = two_layers()
-    config = taillor.TailLoRConfig(rank=2, target_modules="all-linear", max_frame_bytes=10_000)
+    config = taillor.TailLoRConfig(rank=2, target_modules="all-linear", frame="full", max_frame_bytes=10_000)
     full = sum(taillor.estimate_frame_bytes(model, config).values())
     head = sum(taillor.estimate_frame_bytes(model, taillor.TailLoRConfig(
         rank=2, target_modules="all-linear", frame="head")).values())

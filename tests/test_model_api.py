@@ -120,6 +120,11 @@ def test_consolidate_save_load_reproduces_after_two_tasks(tmp_path, frame):
     train_steps(model, steps=1, seed=7)
     train_steps(loaded, steps=1, seed=7)
     assert_close(outputs(loaded), outputs(model), "reloaded", "a step after load")
+    if frame == "full":  # as written when "full" was the default and a config could leave its frame unnamed
+        document = json.loads((tmp_path / "adapter_config.json").read_text())
+        del document["config"]["frame"]
+        (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+        assert_close(outputs(taillor.load_adapter(tiny_bert(), str(tmp_path))), trained, "reloaded", "old default")
 
 
 @needs_peft

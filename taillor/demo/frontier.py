@@ -3,17 +3,17 @@
 One run is one point (plasticity, retention): plasticity = ACC − ACC(frozen, same seed), retention = retrieval
 R@1 kept and the final cosine similarity to the base model's embeddings. Each method sweeps its own strength:
 
-* TailLoR, both frames: no penalty (λ = 0) and head-share targets ρ (:mod:`taillor.strength`); the full grid
-  adds the defaults of earlier releases (fixed λ = 10, Kaiming init) and, at the default strength, a smaller
-  head and the learning rate ×0.3 and ×3;
+* TailLoR, both frames: no penalty (λ = 0), head-share targets ρ (:mod:`taillor.strength`) and the default with
+  ``protect_tasks``; the full grid adds the defaults of earlier releases (fixed λ = 10, Kaiming init) and, at the
+  default strength, a smaller head and the learning rate ×0.3 and ×3;
 * PEFT LoRA, merge+restart and continued, over its learning rate (the baseline is tuned, not handicapped);
 * full fine-tuning over its learning rate (full grid only: its runs are the longest);
 * the peers (:mod:`taillor.demo.peers`: PEFT OSF, PiSSA merge+restart, O-LoRA), each over its own three-rate
-  learning-rate grid (``PEER_LRS``; the quick grid runs each at its set rate only);
+  learning-rate grid (``PEER_LRS``, in the quick grid too: as many rates as LoRA's);
 * the frozen reference (the origin of the plasticity axis).
 
-The quick grid (``--frontier --quick``) has 18 points (15 before the peers: 15 minutes on two cores); the full
-grid has 34.
+The quick grid (``--frontier --quick``) has 26 points (15 before the peers and ``protect_tasks``: 12 minutes on
+two cores); the full grid has 36.
 
 A point is *dominated* when another point has at least its plasticity and at least its retention, one of them
 strictly; the non-dominated points form the frontier. Writes ``frontier.json``, ``frontier.png`` and
@@ -37,7 +37,8 @@ __all__ = ["FrontierPoint", "frontier_points", "robustness_points", "run_frontie
 TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
                      ("default", {}),
                      ("ρ=0.01", {"head_share_target": 0.01}),
-                     ("ρ=0.002", {"head_share_target": 0.002}))
+                     ("ρ=0.002", {"head_share_target": 0.002}),
+                     ("protect_tasks", {"protect_tasks": True}))
 TAILLOR_VARIANTS = (("λ=10 fixed, kaiming (previous default)",
                      {"penalty": 10.0, "head_share_target": None, "init": "kaiming"}),
                     ("default, head 0.1", {"head": 0.1}),
@@ -65,7 +66,7 @@ class FrontierPoint:
 
 def frontier_points(settings: DemoSettings, quick: bool = False) -> list[FrontierPoint]:
     """The grid: every method's sweep, TailLoR around ``settings`` (its head, strength and learning rate);
-    ``quick``: the strength sweeps of TailLoR and LoRA only."""
+    ``quick``: without full fine-tuning and TailLoR's variants (its strength sweep, LoRA's and the peers' rates stay)."""
     points = [FrontierPoint("frozen", "frozen")]
     for method in ("taillor-full", "taillor-head"):
         default = (f"default (ρ={settings.head_share_target:g}, head {settings.head:g}, "
@@ -84,8 +85,7 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
         points += [FrontierPoint("full-ft", f"lr {lr:g}", (("lr_full", lr),)) for lr in FULL_FT_LRS]
     for method in ENCODER_PEERS:
         field = LR_FIELDS[method]
-        lrs = (settings.lr_of(method),) if quick else PEER_LRS[method]
-        points += [FrontierPoint(method, f"lr {lr:g}", ((field, lr),)) for lr in lrs]
+        points += [FrontierPoint(method, f"lr {lr:g}", ((field, lr),)) for lr in PEER_LRS[method]]
     return points
 
 
