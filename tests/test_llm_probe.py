@@ -207,3 +207,20 @@ def test_three_task_table_has_a_row_per_earlier_task():
     table = llm_report.format_table(agg, base, {"agreement": 1.0, "nll": 0.6})
     assert "german Δ" in table and "code Δ" in table and "probe" in table
     assert "0.750±0.071" in table
+
+
+def test_dominance_verdict_names_only_methods_at_least_as_good_on_every_axis():
+    from taillor.demo import llm_report
+
+    def entry(plasticity, bwt, probe):
+        return {"plasticity": (plasticity, 0.01), "bwt_nats": (bwt, 0.01), "probe_agreement": (probe, 0.01)}
+
+    agg = {"frozen": entry(0.0, 0.0, 1.0), "taillor-head": entry(0.40, -0.10, 0.85),
+           "osf": entry(0.41, -0.02, 0.86),           # better on all three: dominates
+           "lora-merged": entry(0.45, -0.20, 0.90),   # learns more, forgets more: does not
+           "o-lora": entry(0.40, -0.10, 0.85)}        # equal everywhere: does not
+    assert llm_report.dominators(agg) == ["osf"]
+    text = llm_report.format_dominance(agg)
+    assert "OSF (PEFT)" in text and "plasticity +0.010" in text and "BWT (earlier tasks kept) +0.080" in text
+    del agg["osf"]
+    assert "no method" in llm_report.format_dominance(agg)

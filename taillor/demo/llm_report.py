@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 from ..continual import summarize
 from .llm_methods import LABELS
 
-__all__ = ["DOMAINS", "TASKS", "run_metrics", "aggregate", "format_table", "format_generations",
-           "format_spectral_summary", "plot_results"]
+__all__ = ["DOMAINS", "TASKS", "run_metrics", "aggregate", "format_table", "dominators", "format_dominance",
+           "format_generations", "format_spectral_summary", "plot_results"]
 
 TASKS = ("german", "code", "csv")
 DOMAINS = TASKS + ("english",)
@@ -135,6 +135,43 @@ def format_table(agg: dict, base: Sequence[float], base_probe: Optional[dict] = 
     lines += [head, "-" * len(head)]
     for name, e in agg.items():
         lines.append(f"{LABELS.get(name, name):<22}" + "".join(f" {_fmt(c, '+.1%'):>13}" for c in e["task_change"]))
+    if "taillor-head" in agg and "probe_agreement" in agg["taillor-head"]:
+        lines += ["", format_dominance(agg)]
+    return "\n".join(lines)
+
+
+# The three measures of the dominance verdict, each oriented so that larger is better.
+DOMINANCE_AXES = (("plasticity", "plasticity"), ("bwt_nats", "BWT (earlier tasks kept)"),
+                  ("probe_agreement", "probe agreement"))
+
+
+def dominators(agg: dict, reference: str = "taillor-head") -> list[str]:
+    """The methods whose means are at least ``reference``'s on every axis of ``DOMINANCE_AXES`` and above it on
+    one (frozen is left out: it learns nothing)."""
+    ref = [agg[reference][key][0] for key, _ in DOMINANCE_AXES]
+    out = []
+    for name, e in agg.items():
+        if name in (reference, "frozen") or any(key not in e for key, _ in DOMINANCE_AXES):
+            continue
+        values = [e[key][0] for key, _ in DOMINANCE_AXES]
+        if all(v >= r for v, r in zip(values, ref)) and any(v > r for v, r in zip(values, ref)):
+            out.append(name)
+    return out
+
+
+def format_dominance(agg: dict, reference: str = "taillor-head") -> str:
+    """The verdict: which methods dominate ``reference`` (TailLoR at the library defaults) on plasticity, BWT
+    and the probe, and by how much (differences of the means, with the seed standard deviations)."""
+    names = dominators(agg, reference)
+    label = LABELS.get(reference, reference)
+    if not names:
+        return f"Dominance: no method is at least as good as {label} on plasticity, BWT and probe agreement at once."
+    lines = [f"Dominance: {len(names)} method(s) at least as good as {label} on plasticity, BWT and probe at once:"]
+    for name in names:
+        deltas = ", ".join(f"{text} {agg[name][key][0] - agg[reference][key][0]:+.3f} "
+                           f"(±{agg[name][key][1]:.3f} vs ±{agg[reference][key][1]:.3f})"
+                           for key, text in DOMINANCE_AXES)
+        lines.append(f"  {LABELS.get(name, name)}: {deltas}")
     return "\n".join(lines)
 
 
