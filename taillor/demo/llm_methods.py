@@ -33,9 +33,9 @@ METHODS = DEFAULT_METHODS + ("taillor-protect",) + PEERS
 # The order in which the worker processes get the runs. Measured quick-run costs (CPU s, 2026-12-02): TailLoR full
 # frame ~160, full fine-tuning ~150, TailLoR head frame ~115, LoRA ~105, frozen ~0; handed out in this order, two
 # workers finish within seconds of each other (longest-first would leave one idle for a LoRA run).
-# The peers (not in that measurement): OSF trains full-rank factors (about full fine-tuning's cost), first.
-COST_ORDER = ("osf", "taillor-full", "taillor-head", "taillor-protect", "lora-merged", "full-ft", "pissa-merged", "o-lora",
-              "mica-merged", "lora-continued", "frozen")
+# OSF trains full-rank factors: about three times a LoRA run (740 s against 250 s in the full run of 2026-12-03).
+COST_ORDER = ("osf", "taillor-full", "taillor-head", "taillor-protect", "lora-merged", "full-ft", "pissa-merged",
+              "o-lora", "mica-merged", "lora-continued", "frozen")
 LABELS = {
     "frozen": "frozen (base model)",
     "taillor-full": "TailLoR (full frame)",
