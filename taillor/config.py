@@ -42,7 +42,7 @@ class TailLoRConfig:
         finished tasks' updates span a left and a right subspace (at most r directions each per task); the penalty
         adds their energies, E_tasks = ‖Q_Uᵀ ΔW‖²_F + ‖ΔW Q_V‖²_F with Q_U, Q_V orthonormal bases of
         those subspaces, weighted by ``protect_tasks_weight``: P = λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖² + μ·E_tasks), and the
-        adapted λ's share counts both (see :mod:`taillor.strength`). False (default): the paper's penalty.
+        adapted λ's share counts both (see :mod:`taillor.strength`). True by default; False: the paper's penalty.
     protect_tasks_weight: μ >= 0, the weight of the earlier tasks' directions relative to the head's (ω = 1).
     penalty_weighting: ``"head"`` (ω = 1 on the head), ``"sigma"`` (σ_i/σ_0) or ``"sigma2"`` ((σ_i/σ_0)²).
     dropout: dropout probability on the adapter's input, in [0, 1).
@@ -69,7 +69,7 @@ class TailLoRConfig:
     head_energy: Optional[float] = None
     penalty: float = 1.0
     head_share_target: Optional[float] = 0.05
-    protect_tasks: bool = False
+    protect_tasks: bool = True
     protect_tasks_weight: float = 1.0
     penalty_weighting: str = "head"
     dropout: float = 0.0
@@ -151,8 +151,8 @@ class TailLoRConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown TailLoRConfig fields {unknown}; known fields are {sorted(known)}")
-        # A saved config names its frame; one that does not was written when "full" was the default.
-        return cls(**{"frame": "full", **data})
+        # A saved config names every field; one without these was written under the earlier defaults.
+        return cls(**{"frame": "full", "protect_tasks": False, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -86,11 +86,12 @@ def test_frontier_grid_sweeps_every_method():
             p.settings(TINY).taillor_config("full", 0)  # every TailLoR point is a valid config
     quick = frontier.frontier_points(TINY, quick=True)
     assert set(quick) < set(points) and {p.method for p in quick} == {p.method for p in points} - {"full-ft"}
-    for method in ("taillor-full", "taillor-head"):  # the strength sweep, λ = 0 and protect_tasks included
+    for method in ("taillor-full", "taillor-head"):  # the strength sweep, λ = 0 and protect_tasks switched included
         strengths = {p.label for p in quick if p.method == method}
-        assert {"λ=0", "protect_tasks"} <= strengths and len(strengths) == 5
-        protect = next(p for p in quick if p.method == method and p.label == "protect_tasks")
-        assert protect.settings(TINY).taillor_config("head", 0).protect_tasks
+        toggled = f"protect_tasks={not TINY.protect_tasks}"
+        assert {"λ=0", toggled} <= strengths and len(strengths) == 5
+        protect = next(p for p in quick if p.method == method and p.label == toggled)
+        assert protect.settings(TINY).taillor_config("head", 0).protect_tasks is not TINY.protect_tasks
     for method in ("osf", "pissa-merged", "o-lora"):  # the quick grid tunes the peers as it tunes LoRA
         assert len({p.settings(TINY).lr_of(method) for p in quick if p.method == method}) == 3
 

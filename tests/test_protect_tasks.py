@@ -225,12 +225,13 @@ def test_a_consolidated_model_evaluated_and_stepped_can_be_deep_copied():
     assert torch.equal(copied(x), model(x))
 
 
-def test_demo_command_line_turns_it_on():
+def test_on_by_default_and_the_demo_command_line_switches_it():
     from taillor.demo.run import build_parser, settings_from_args
-    settings = settings_from_args(build_parser().parse_args(["--quick", "--protect-tasks",
-                                                             "--protect-tasks-weight", "2"]))
+    assert taillor.TailLoRConfig().protect_tasks
+    settings = settings_from_args(build_parser().parse_args(["--quick", "--protect-tasks-weight", "2"]))
     config = settings.taillor_config("head", 0)
     assert config.protect_tasks and config.protect_tasks_weight == 2.0
-    assert not settings_from_args(build_parser().parse_args(["--quick"])).taillor_config("full", 0).protect_tasks
+    off = settings_from_args(build_parser().parse_args(["--quick", "--no-protect-tasks"]))
+    assert not off.taillor_config("full", 0).protect_tasks
     with pytest.raises(ValueError, match="protect_tasks_weight"):
         settings_from_args(build_parser().parse_args(["--protect-tasks-weight", "-1"]))

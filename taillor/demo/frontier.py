@@ -4,7 +4,7 @@ One run is one point (plasticity, retention): plasticity = ACC − ACC(frozen, s
 R@1 kept and the final cosine similarity to the base model's embeddings. Each method sweeps its own strength:
 
 * TailLoR, both frames: no penalty (λ = 0), head-share targets ρ (:mod:`taillor.strength`) and the default with
-  ``protect_tasks``; the full grid adds the defaults of earlier releases (fixed λ = 10, Kaiming init) and, at the
+  ``protect_tasks`` switched (off, as the library default has it on); the full grid adds the defaults of earlier releases (fixed λ = 10, Kaiming init) and, at the
   default strength, a smaller head and the learning rate ×0.3 and ×3;
 * PEFT LoRA, merge+restart and continued, over its learning rate (the baseline is tuned, not handicapped);
 * full fine-tuning over its learning rate (full grid only: its runs are the longest);
@@ -38,7 +38,7 @@ TAILLOR_STRENGTHS = (("λ=0", {"penalty": 0.0}),
                      ("default", {}),
                      ("ρ=0.01", {"head_share_target": 0.01}),
                      ("ρ=0.002", {"head_share_target": 0.002}),
-                     ("protect_tasks", {"protect_tasks": True}))
+                     ("protect_tasks toggled", {}))  # the library's protect_tasks switched (see frontier_points)
 TAILLOR_VARIANTS = (("λ=10 fixed, kaiming (previous default)",
                      {"penalty": 10.0, "head_share_target": None, "init": "kaiming"}),
                     ("default, head 0.1", {"head": 0.1}),
@@ -72,6 +72,9 @@ def frontier_points(settings: DemoSettings, quick: bool = False) -> list[Frontie
         default = (f"default (ρ={settings.head_share_target:g}, head {settings.head:g}, "
                    f"lr {settings.lr_of(method):g})")
         for name, overrides in TAILLOR_STRENGTHS:
+            if name == "protect_tasks toggled":
+                name, overrides = f"protect_tasks={not settings.protect_tasks}", {
+                    "protect_tasks": not settings.protect_tasks}
             points.append(FrontierPoint(method, default if name == "default" else name,
                                         tuple(sorted(overrides.items()))))
         for name, overrides in () if quick else TAILLOR_VARIANTS:

@@ -3,7 +3,7 @@
 * ``frozen``         the base model as loaded: never trained, the reference of every plasticity number
 * ``taillor-full``   TailLoR, full spectral frame, consolidated after each task
 * ``taillor-head``   TailLoR, head frame (top-h triplets only), consolidated after each task
-* ``taillor-protect`` TailLoR, head frame, with ``protect_tasks``: the finished tasks' subspaces protected too
+* ``taillor-no-protect`` TailLoR, head frame, ``protect_tasks`` off: the paper's penalty, the pre-trained head only
 * ``lora-continued`` PEFT LoRA, one adapter trained across all tasks
 * ``lora-merged``    PEFT LoRA, merged into the weights and restarted after each task (TailLoR's consolidation
   without the spectral frame and the penalty)
@@ -29,18 +29,18 @@ __all__ = ["METHODS", "DEFAULT_METHODS", "QUICK_METHODS", "LABELS", "COST_ORDER"
 DEFAULT_METHODS = ("frozen", "taillor-full", "taillor-head", "lora-continued", "lora-merged", "full-ft")
 # `--quick`: the frozen reference, TailLoR at the library defaults (head frame) and both LoRA variants.
 QUICK_METHODS = ("frozen", "taillor-head", "lora-continued", "lora-merged")
-METHODS = DEFAULT_METHODS + ("taillor-protect",) + PEERS
+METHODS = DEFAULT_METHODS + ("taillor-no-protect",) + PEERS
 # The order in which the worker processes get the runs. Measured quick-run costs (CPU s, 2026-12-02): TailLoR full
 # frame ~160, full fine-tuning ~150, TailLoR head frame ~115, LoRA ~105, frozen ~0; handed out in this order, two
 # workers finish within seconds of each other (longest-first would leave one idle for a LoRA run).
 # OSF trains full-rank factors: about three times a LoRA run (740 s against 250 s in the full run of 2026-12-03).
-COST_ORDER = ("osf", "taillor-full", "taillor-head", "taillor-protect", "lora-merged", "full-ft", "pissa-merged",
+COST_ORDER = ("osf", "taillor-full", "taillor-head", "taillor-no-protect", "lora-merged", "full-ft", "pissa-merged",
               "o-lora", "mica-merged", "lora-continued", "frozen")
 LABELS = {
     "frozen": "frozen (base model)",
     "taillor-full": "TailLoR (full frame)",
     "taillor-head": "TailLoR (head frame)",
-    "taillor-protect": "TailLoR (head frame, protect_tasks)",
+    "taillor-no-protect": "TailLoR (head frame, protect_tasks off)",
     "lora-continued": "LoRA (continued)",
     "lora-merged": "LoRA (merge+restart)",
     "full-ft": "full fine-tuning",
@@ -54,7 +54,7 @@ LABELS = {
 # (``taillor demo --model smollm2 --lr-grid``; the chosen rates are LLMSettings' and docs/results-peers.md's).
 LR_GRIDS = {
     "taillor-full": (6.7e-4, 2e-3, 6e-3), "taillor-head": (6.7e-4, 2e-3, 6e-3),
-    "taillor-protect": (6.7e-4, 2e-3, 6e-3),
+    "taillor-no-protect": (6.7e-4, 2e-3, 6e-3),
     "lora-continued": (6.7e-4, 2e-3, 6e-3), "lora-merged": (6.7e-4, 2e-3, 6e-3),
     "full-ft": (1.7e-5, 5e-5, 1.5e-4),
     "osf": (1e-5, 3e-5, 1e-4),  # PEFT's advice for OSF: 1e-5 to 1e-4
@@ -91,8 +91,8 @@ class LMMethod:
             import taillor
 
             options = {"frame": "full" if name == "taillor-full" else "head", **(taillor_overrides or {})}
-            if name == "taillor-protect":
-                options["protect_tasks"] = True
+            if name == "taillor-no-protect":
+                options["protect_tasks"] = False
             self.config = taillor.TailLoRConfig(rank=rank, alpha=alpha, target_modules=self.targets, seed=seed,
                                                 **options)
             self.net = taillor.apply_taillor(model, self.config)

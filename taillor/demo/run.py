@@ -183,12 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lr-head", float, "learning rate of the task heads"),
                              ("alpha", float, "adapter alpha (TailLoR and LoRA)"),
                              ("protect-tasks-weight", float, "TailLoR weight of the finished tasks' directions "
-                                                             "(with --protect-tasks)")):
+                                                             "(with protect_tasks)")):
         p.add_argument(f"--{name}", type=kind, default=None, help=text)
     p.add_argument("--fixed-penalty", action="store_true",
                    help="TailLoR with a fixed λ (--penalty) instead of the head-share target")
-    p.add_argument("--protect-tasks", action="store_true",
-                   help="TailLoR also protects the directions of the tasks it finished (TailLoRConfig.protect_tasks)")
+    p.add_argument("--protect-tasks", action=argparse.BooleanOptionalAction, default=None,
+                   help="TailLoR also protects the directions of the tasks it finished (TailLoRConfig.protect_tasks; "
+                        "default: the library's, on)")
     return p
 
 
@@ -219,8 +220,8 @@ def settings_from_args(args) -> DemoSettings:
             overrides[key] = getattr(args, key)
     if args.fixed_penalty:
         overrides["head_share_target"] = None
-    if args.protect_tasks:
-        overrides["protect_tasks"] = True
+    if args.protect_tasks is not None:
+        overrides["protect_tasks"] = args.protect_tasks
     settings = replace(settings, **overrides)
     settings.taillor_config("full", 0)  # TailLoRConfig validates the TailLoR options before anything runs
     return settings
