@@ -8,6 +8,7 @@ from torch import nn
 
 import taillor
 from conftest import assert_matches_oracle, dense_penalty
+from tiny_models import nudge_lora_B
 
 F64 = torch.float64
 
@@ -19,9 +20,7 @@ def make_model(adaptive: bool = True) -> nn.Module:
     config = taillor.TailLoRConfig(rank=2, alpha=4, head=3, target_modules=["0", "2"], penalty=1.0 if adaptive else 3.0,
                                    head_share_target=0.05 if adaptive else None)
     taillor.apply_taillor(model, config, progress=False)
-    with torch.no_grad():  # B = 0 at init makes the penalty's gradient vanish
-        for _, layer in taillor.iter_taillor_layers(model):
-            layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+    nudge_lora_B(model, seed=1)
     return model
 
 

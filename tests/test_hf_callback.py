@@ -14,6 +14,7 @@ from conftest import assert_close, assert_matches_oracle, dense_head_share, dens
 
 transformers = pytest.importorskip("transformers")
 from taillor.hf_trainer import CausalLMCollator, TailLoRCallback, TailLoRTrainer  # noqa: E402
+from tiny_models import nudge_lora_B, tiny_llama  # noqa: E402
 
 EOS = 2
 LR = 0.1
@@ -21,23 +22,13 @@ STRENGTH = 3.0
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                      pad_token_id=EOS, eos_token_id=EOS, bos_token_id=1)
-    return transformers.LlamaForCausalLM(config)
-
-
 def adapted(adaptive: bool = False):
     """Tiny Llama with TailLoR (fixed λ = 3 unless ``adaptive``) and a nonzero update to start from."""
-    model = tiny_llama()
+    model = tiny_llama(eos=EOS)
     config = taillor.TailLoRConfig(rank=2, alpha=4, head=4, penalty=STRENGTH, target_modules=["q_proj", "down_proj"],
                                    head_share_target=0.05 if adaptive else None)
     taillor.apply_taillor(model, config, progress=False)
-    with torch.no_grad():  # B = 0 at init makes the penalty's gradient vanish
-        for _, layer in taillor.iter_taillor_layers(model):
-            layer.lora_B.normal_(generator=torch.Generator().manual_seed(7))
+    nudge_lora_B(model, seed=7)
     return model
 
 

@@ -10,16 +10,9 @@ from conftest import assert_close, assert_scalar_matches, dense_head_share
 
 transformers = pytest.importorskip("transformers")
 from taillor.hf_trainer import CausalLMCollator, TailLoRTrainer, train_tasks  # noqa: E402
+from tiny_models import nudge_lora_B, tiny_llama  # noqa: E402
 
 EOS = 2  # also the padding id, as in SmolLM2: real end-of-text tokens must stay in the loss
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                      pad_token_id=EOS, eos_token_id=EOS, bos_token_id=1)
-    return transformers.LlamaForCausalLM(config)
 
 
 def examples():
@@ -77,12 +70,10 @@ class Blocks(torch.utils.data.Dataset):
 
 
 def _adapted(seed: int = 0):
-    model = tiny_llama(seed)
+    model = tiny_llama(seed, eos=EOS)
     config = taillor.TailLoRConfig(rank=2, alpha=4, head=4, penalty=3.0, target_modules=["q_proj", "down_proj"])
     taillor.apply_taillor(model, config, progress=False)
-    with torch.no_grad():  # B = 0 at init makes the penalty and its gradient vanish: start from a nonzero update
-        for _, layer in taillor.iter_taillor_layers(model):
-            layer.lora_B.normal_(generator=torch.Generator().manual_seed(7))
+    nudge_lora_B(model, seed=7)
     return model
 
 

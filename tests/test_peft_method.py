@@ -15,15 +15,9 @@ from conftest import assert_close, assert_matches_oracle, dense_delta
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is not installed")
 from taillor.peft_method import TailLoRPeftConfig, UnsupportedPeftFeature  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config)
 
 
 def peft_config(**options):
