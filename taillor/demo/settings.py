@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..config import TailLoRConfig
+from .tasks import DEFAULT_TASKS
 
 __all__ = ["DemoSettings", "QUICK", "DEFAULT", "METHODS", "DEFAULT_METHODS", "ENCODER_PEERS", "LABELS",
            "ADAPTER_METHODS", "LR_FIELDS", "COST_ORDER"]
@@ -45,6 +46,7 @@ class DemoSettings:
     """Everything that defines a demo run. TailLoR runs with the library's defaults (head, penalty,
     head_share_target, init) unless they are overridden here; ``penalty=0`` turns the penalty off."""
 
+    tasks: tuple = DEFAULT_TASKS  # the task sequence, by name (taillor.demo.tasks.TASKS)
     n_train: int = 160          # training examples per class (capped by the smallest class)
     n_test: int = 40            # test examples per class
     retrieval_pairs: int = 200  # docstring/code pairs for the retention probe
