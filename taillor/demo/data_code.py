@@ -9,10 +9,11 @@
   pre-trained skill whose retention the demo measures.
 
 The two statement tasks are structure, not topic: the label sits in one or two tokens of the code, and a frozen
-sentence encoder's mean-pooled embedding carries it poorly (a linear head on frozen all-MiniLM-L6-v2 gets about
-half right; adapting the encoder adds 10 to 20 points in 30 steps), which is what lets the demo tell methods
-apart. The same functions feed both, with different labels: learning how functions end can overwrite what the
-encoder learned about how they begin, so forgetting shows.
+sentence encoder's mean-pooled embedding carries it poorly (linear heads on frozen all-MiniLM-L6-v2: 0.51 and 0.57
+after 30 steps; adapting the encoder adds about 0.3 to each), which is what lets the demo tell methods apart. Both
+read the same packages: what is learned about how functions end mostly helps, rather than overwrites, what was
+learned about how they begin, so the two tasks measure plasticity, and the retrieval probe (docstring -> code, the
+kind of text the tasks train on) measures what is kept.
 """
 
 from __future__ import annotations

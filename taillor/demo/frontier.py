@@ -47,7 +47,7 @@ TAILLOR_VARIANTS = (("λ=10 fixed, kaiming (previous default)",
 LORA_LRS = (3e-4, 1e-3, 3e-3)
 FULL_FT_LRS = (1e-5, 3e-5)
 # Each peer's learning-rate grid: three rates a factor ~3 apart, as LoRA's (OSF: PEFT advises 1e-5 to 1e-4).
-PEER_LRS = {"osf": (1e-5, 3e-5, 1e-4), "pissa-merged": (1e-4, 3e-4, 1e-3), "o-lora": (3e-4, 1e-3, 3e-3)}
+PEER_LRS = {"osf": (3e-5, 1e-4, 3e-4), "pissa-merged": (1e-4, 3e-4, 1e-3), "o-lora": (3e-4, 1e-3, 3e-3)}
 RETENTION_AXES = (("r1_retention", "retrieval R@1 kept (final / base)"),
                   ("cosine", "cosine to base embeddings (final)"))
 
