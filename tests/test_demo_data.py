@@ -44,6 +44,11 @@ def test_a_split_that_cannot_be_balanced_fails_rather_than_skips():
         _build(data_code.stdlib_task, 10**6, N_TEST, seed=0)
 
 
+def test_unambiguous_keeps_one_copy_of_a_repeated_text_and_drops_one_whose_labels_disagree():
+    labelled = [("a", 0), ("b", 1), ("a", 0), ("c", 0), ("c", 1), ("c", 0), ("d", 2)]
+    assert data.unambiguous(labelled, 4) == {0: ["a"], 1: ["b"], 2: ["d"], 3: []}
+
+
 CLASSES = {"fortunes": len(data.FORTUNE_FILES), "language": len(data.LANGUAGES),
            "stdlib": len(data_code.STDLIB_PACKAGES), "first-statement": len(data_code.FIRST_STATEMENTS),
            "last-statement": len(data_code.LAST_STATEMENTS)}

@@ -23,6 +23,7 @@ import hashlib
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -32,6 +33,9 @@ __all__ = [
     "DataUnavailable",
     "Task",
     "RetrievalSet",
+    "normalise",
+    "unambiguous",
+    "balanced_split",
     "fortunes_task",
     "locale_task",
     "language_task",
@@ -99,6 +103,19 @@ def normalise(text: str) -> str:
 
 def _stable_key(text: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\0{text}".encode("utf-8")).hexdigest()
+
+
+def unambiguous(labelled: Iterable[tuple[str, int]], num_classes: int) -> dict[int, list[str]]:
+    """Class index -> texts, from ``(text, label)`` pairs: a text that comes more than once is kept once, and
+    dropped if its labels disagree (no classifier could get it right). Texts keep their first-seen order."""
+    label_of: dict[str, int | None] = {}
+    for text, label in labelled:
+        label_of[text] = label if label_of.get(text, label) == label else None
+    pools: dict[int, list[str]] = {i: [] for i in range(num_classes)}
+    for text, label in label_of.items():
+        if label is not None:
+            pools[label].append(text)
+    return pools
 
 
 def balanced_split(
@@ -174,13 +191,8 @@ def read_fortunes(path: str, min_chars: int = 20, max_chars: int = 400) -> list[
 def fortunes_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
     """Which fortune file a fortune comes from (5 balanced classes)."""
     folder = fortune_dir()
-    texts = {name: read_fortunes(os.path.join(folder, name)) for name in FORTUNE_FILES}
-    # a fortune that occurs in two files is ambiguous: drop it everywhere
-    counts: dict[str, int] = {}
-    for v in texts.values():
-        for t in v:
-            counts[t] = counts.get(t, 0) + 1
-    pools = {i: [t for t in texts[name] if counts[t] == 1] for i, name in enumerate(FORTUNE_FILES)}
+    pools = unambiguous(((text, i) for i, name in enumerate(FORTUNE_FILES)
+                         for text in read_fortunes(os.path.join(folder, name))), len(FORTUNE_FILES))
     train, test = balanced_split(pools, n_train, n_test, seed)
     return Task("fortunes", list(FORTUNE_FILES), train, test, source=folder)
 
@@ -239,16 +251,8 @@ def locale_task(name: str, locales: dict[str, str], n_train: int = 120, n_test: 
                 if len(text) >= min_chars and text not in d:
                     d[text] = _clean_ui(msgid)
         by_lang[label] = d
-    counts: dict[str, int] = {}
-    for d in by_lang.values():
-        for t in d:
-            counts[t] = counts.get(t, 0) + 1
-    group_of = {}
-    pools = {}
-    for i, label in enumerate(labels):
-        pools[i] = [t for t in by_lang[label] if counts[t] == 1]
-        for t in pools[i]:
-            group_of[t] = by_lang[label][t]
+    pools = unambiguous(((text, i) for i, label in enumerate(labels) for text in by_lang[label]), len(labels))
+    group_of = {text: by_lang[labels[i]][text] for i, texts in pools.items() for text in texts}
     train, test = balanced_split(pools, n_train, n_test, seed, group=lambda t: group_of[t])
     source = os.path.dirname(os.path.dirname(os.path.dirname(django_locale_files(next(iter(locales.values())))[0])))
     return Task(name, labels, train, test, source=source)

@@ -27,7 +27,7 @@ import random
 import sysconfig
 from typing import NamedTuple
 
-from .data import DataUnavailable, RetrievalSet, Task, balanced_split, normalise
+from .data import DataUnavailable, RetrievalSet, Task, balanced_split, normalise, unambiguous
 
 __all__ = ["stdlib_dir", "stdlib_packages", "stdlib_task", "statement_pools", "statement_task", "first_statement_task",
            "last_statement_task", "retrieval_pairs", "STDLIB_PACKAGES", "FIRST_STATEMENTS", "LAST_STATEMENTS",
@@ -51,6 +51,7 @@ class Function(NamedTuple):
     code: str  # signature and body without the docstring, whitespace-normalised, at most max_chars
     first: str
     last: str
+
 
 def stdlib_dir() -> str:
     """The running interpreter's standard-library folder."""
@@ -116,18 +117,13 @@ def _parse_functions(path: str, max_chars: int):
 def stdlib_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
     """Which stdlib package a public function comes from (6 balanced classes), docstrings removed."""
     root = stdlib_dir()
-    pools: dict[int, list[str]] = {}
-    counts: dict[str, int] = {}
-    raw = {}
+    labelled = []
     for i, pkg in enumerate(STDLIB_PACKAGES):
         path = os.path.join(root, pkg)
         if not os.path.isdir(path):
             raise DataUnavailable(f"the standard library at {root} has no package {pkg!r}")
-        raw[i] = sorted({fn.code for f in _iter_py_files(path) for fn in _functions(f)})
-        for c in raw[i]:
-            counts[c] = counts.get(c, 0) + 1
-    for i in raw:
-        pools[i] = [c for c in raw[i] if counts[c] == 1]
+        labelled += [(fn.code, i) for f in _iter_py_files(path) for fn in _functions(f)]
+    pools = unambiguous(labelled, len(STDLIB_PACKAGES))
     train, test = balanced_split(pools, n_train, n_test, seed)
     return Task("stdlib", list(STDLIB_PACKAGES), train, test, source=root)
 
@@ -156,28 +152,21 @@ def statement_pools(position: str, labels, max_chars: int | None = None, root: s
         raise ValueError(f"unknown statement kind(s) {bad}; choose from {', '.join(STATEMENT_KINDS)}")
     root = root or stdlib_dir()
     class_of = {STATEMENT_KINDS[label].__name__: i for i, label in enumerate(labels)}
-    seen: dict[str, int | None] = {}
-    for pkg in stdlib_packages(root):
-        for path in _iter_py_files(os.path.join(root, pkg)):
-            for fn in _functions(path):
-                label = class_of.get(getattr(fn, position))
-                if label is None or (max_chars is not None and len(fn.code) > max_chars):
-                    continue
-                seen[fn.code] = label if seen.get(fn.code, label) == label else None
-    pools: dict[int, list[str]] = {i: [] for i in range(len(labels))}
-    for text, label in seen.items():
-        if label is not None:
-            pools[label].append(text)
-    return pools
+    labelled = ((fn.code, class_of[getattr(fn, position)])
+                for pkg in stdlib_packages(root) for path in _iter_py_files(os.path.join(root, pkg))
+                for fn in _functions(path)
+                if getattr(fn, position) in class_of and (max_chars is None or len(fn.code) <= max_chars))
+    return unambiguous(labelled, len(labels))
 
 
 def statement_task(name: str, position: str, labels, n_train: int = 120, n_test: int = 40, seed: int = 0,
                    max_chars: int | None = None, root: str | None = None) -> Task:
     """Which kind of statement a function starts or ends with: one balanced class per ``labels`` entry, from
     :func:`statement_pools`."""
+    root = root or stdlib_dir()
     pools = statement_pools(position, labels, max_chars, root)
     train, test = balanced_split(pools, n_train, n_test, seed)
-    return Task(name, list(labels), train, test, source=root or stdlib_dir())
+    return Task(name, list(labels), train, test, source=root)
 
 
 def first_statement_task(n_train: int = 120, n_test: int = 40, seed: int = 0) -> Task:
