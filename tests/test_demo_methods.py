@@ -118,6 +118,17 @@ def test_command_line_fixed_penalty_and_overrides():
     assert earlier.tasks == EARLIER_TASKS and earlier.steps == QUICK.steps
 
 
+def test_llm_command_line_sets_the_head_share_target_and_rejects_a_bad_one(capsys):
+    from taillor.demo import llm_cli
+    from taillor.demo.llm import DEFAULT, taillor_overrides
+
+    assert llm_cli.build_parser().parse_args(["--head-share-target", "0.01"]).head_share_target == 0.01
+    assert taillor_overrides(replace(DEFAULT, head_share_target=0.01))["head_share_target"] == 0.01
+    assert "head_share_target" not in taillor_overrides(DEFAULT)  # unset: the library's default
+    assert llm_cli.main(["--head-share-target", "2", "--out", "unused"]) == 2  # fails before anything loads
+    assert "head_share_target" in capsys.readouterr().err
+
+
 def test_robustness_table_says_whether_the_default_lies_between_frozen_and_no_penalty():
     points = frontier.robustness_points(TINY)
     labels = {(p.method, p.label) for p in points}

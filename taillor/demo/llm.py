@@ -38,8 +38,8 @@ PROMPTS = {"english": "The best advice I ever got about learning something new w
 
 @dataclass(frozen=True)
 class LLMSettings:
-    """Everything that defines a run (recorded in results.json). ``head``/``penalty`` None: TailLoRConfig's
-    library defaults."""
+    """Everything that defines a run (recorded in results.json). ``head``/``penalty``/``head_share_target`` None:
+    TailLoRConfig's library defaults."""
 
     # The full run (every method, 3 seeds, 3 tasks) is sized to finish in about 90 minutes on 2 CPU cores, so
     # that it can be re-run: each task trains as many tokens as the quick run's, on 128-token blocks, and is
@@ -60,6 +60,7 @@ class LLMSettings:
     warmup_ratio: float = 0.1     # linear warm-up, then cosine decay to 0
     head: Optional[Union[int, float]] = None
     penalty: Optional[float] = None
+    head_share_target: Optional[float] = None
     seeds: int = 3
     methods: tuple = METHODS
     generate_tokens: int = 24
@@ -169,7 +170,7 @@ def _block_of(name: str) -> Optional[int]:
 
 def taillor_overrides(settings: LLMSettings) -> dict:
     """The TailLoRConfig fields these settings set (the rest are the library's defaults)."""
-    return {k: getattr(settings, k) for k in ("head", "penalty", "frame_cache_dir") if getattr(settings, k) is not None}
+    return {k: getattr(settings, k) for k in ("head", "penalty", "head_share_target", "frame_cache_dir") if getattr(settings, k) is not None}
 
 
 def build_frames_once(model, settings: LLMSettings, log=print) -> None:

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=_head_value, default=None,
                    help="TailLoR head: an int count or a float fraction (default: TailLoRConfig's)")
     p.add_argument("--penalty", type=float, default=None, help="TailLoR penalty (default: TailLoRConfig's)")
+    p.add_argument("--head-share-target", type=float, default=None,
+                   help="TailLoR target head share of ||ΔW||² (default: TailLoRConfig's)")
     p.add_argument("--rank", type=int, default=None, help=f"adapter rank (default {DEFAULT.rank})")
     p.add_argument("--targets", default=None, help=f"comma-separated target modules (default {','.join(TARGETS)})")
     p.add_argument("--bf16", action="store_true", help="train under CPU bf16 autocast (slower without AMX)")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["methods"] = methods
     if args.targets:
         overrides["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    for key in ("steps", "lr", "lr_full", "head", "penalty", "rank"):
+    for key in ("steps", "lr", "lr_full", "head", "penalty", "head_share_target", "rank"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.bf16:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         overrides["workers"] = args.workers
     settings = replace(settings, **overrides)
-    try:  # a bad head or penalty fails here, before anything is loaded
+    try:  # a bad head, penalty or target fails here, before anything is loaded
         import taillor
 
         taillor.TailLoRConfig(**taillor_overrides(settings))
