@@ -176,6 +176,18 @@ def dense_penalty(layer, A=None, B=None, strength=None) -> torch.Tensor:
     return strength * ((omega_U.t() @ delta).pow(2).sum() + (delta @ omega_V).pow(2).sum())
 
 
+def assert_penalty_matches_oracle(layer, value: torch.Tensor, oracle, what: str = "penalty") -> None:
+    """``value``, a float32 penalty of ``layer`` already backpropagated into ``lora_A.grad``/``lora_B.grad``, and those
+    gradients against ``oracle(A, B)``: a float64 formula differentiable in the layer's A and B."""
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    expected = oracle(A, B)
+    expected.backward()
+    assert_matches_oracle(value.detach(), expected.detach(), torch.float32, what)
+    assert_matches_oracle(layer.lora_A.grad, A.grad, torch.float32, "dA")
+    assert_matches_oracle(layer.lora_B.grad, B.grad, torch.float32, "dB")
+
+
 def dense_head_share(layer) -> float:
     """Oracle share (‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²) / (2‖ΔW‖²) with ΔW materialized in float64."""
     delta = dense_delta(layer)

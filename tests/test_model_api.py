@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import taillor
-from conftest import assert_close, assert_matches_oracle, assert_scalar_matches
+from conftest import assert_close, assert_matches_oracle
 
 
 def _optional(name: str):
