@@ -58,6 +58,17 @@ def gram_acc(acc, x_ptr, s_xr, s_xl, L, w_ptr, offs_i, offs_j, mask_i, mask_j,
 
 
 @triton.jit
+def store_grams(out_ptr, R, m1, m2, m3, m4, offs_i, offs_j, mask_i, mask_j):
+    # One (BR, BR) tile of each of the four (R, R) fp32 Grams, stored as a contiguous (4, R, R) block at out_ptr.
+    ptrs = out_ptr + offs_i[:, None] * R + offs_j[None, :]
+    mask = mask_i[:, None] & mask_j[None, :]
+    tl.store(ptrs, m1, mask=mask)
+    tl.store(ptrs + R * R, m2, mask=mask)
+    tl.store(ptrs + 2 * R * R, m3, mask=mask)
+    tl.store(ptrs + 3 * R * R, m4, mask=mask)
+
+
+@triton.jit
 def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
                          xbh_ptr, s_xbhr, s_xbhl, xah_ptr, s_xahr, s_xahl,
                          w_ptr, out_ptr, R, L_b, L_a, L_h, coeff,
@@ -101,13 +112,7 @@ def _penalty_gram_kernel(xb_ptr, s_xbr, s_xbl, xa_ptr, s_xar, s_xal,
         m2 = gram_acc(m2, xb_ptr, s_xbr, s_xbl, L_b, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
         m3 = gram_acc(m3, xa_ptr, s_xar, s_xal, L_a, w_ptr, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
     if STORE_GRAMS:
-        # out: (4, R, R) fp32, contiguous.
-        ptrs = out_ptr + offs_i[:, None] * R + offs_j[None, :]
-        mask = mask_i[:, None] & mask_j[None, :]
-        tl.store(ptrs, m1, mask=mask)
-        tl.store(ptrs + R * R, m2, mask=mask)
-        tl.store(ptrs + 2 * R * R, m3, mask=mask)
-        tl.store(ptrs + 3 * R * R, m4, mask=mask)
+        store_grams(out_ptr, R, m1, m2, m3, m4, offs_i, offs_j, mask_i, mask_j)
     else:
         # Padding rows/columns are zero in every Gram, so the tile sum is exact.
         part = tl.sum(tl.sum(m1 * m3 + m2 * m4, axis=1), axis=0) * coeff

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .launch import GRAM_BLOCK_L, GRAM_CONFIG, GRAM_MAX_BLOCK_R, launch, pow2_block
-from .spectral_penalty import gram_acc
+from .spectral_penalty import gram_acc, store_grams
 
 
 @triton.jit
@@ -43,13 +43,8 @@ def _batched_gram_kernel(xb_ptr, s_xbn, s_xbr, s_xbl, xa_ptr, s_xan, s_xar, s_xa
     m2 = gram_acc(zero, xb_ptr + n * s_xbn, s_xbr, s_xbl, L_b, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
     m3 = gram_acc(zero, xa_ptr + n * s_xan, s_xar, s_xal, L_a, w, offs_i, offs_j, mask_i, mask_j, False, BLOCK_L)
     if STORE_GRAMS:
-        # out: (L, 4, R, R) fp32, contiguous.
-        ptrs = out_ptr + n * 4 * R * R + offs_i[:, None] * R + offs_j[None, :]
-        mask = mask_i[:, None] & mask_j[None, :]
-        tl.store(ptrs, m1, mask=mask)
-        tl.store(ptrs + R * R, m2, mask=mask)
-        tl.store(ptrs + 2 * R * R, m3, mask=mask)
-        tl.store(ptrs + 3 * R * R, m4, mask=mask)
+        # out: (L, 4, R, R) fp32, contiguous; layer n's four Grams start at n · 4R².
+        store_grams(out_ptr + n * 4 * R * R, R, m1, m2, m3, m4, offs_i, offs_j, mask_i, mask_j)
     else:
         # out: (L, 2, tiles) fp32; padding rows/columns are zero in every Gram, so the tile sums are exact.
         tiles = tl.num_programs(0) * tl.num_programs(1)
