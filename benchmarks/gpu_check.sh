@@ -16,8 +16,9 @@
 #                TAILLOR_REQUIRE_CUDA_EXT=1 (a compile error fails it) on idle cores while the GPU stages run
 #   info         taillor info --json
 #   tests        pytest -n CORES -m gpu tests/ (all but the extension's files): compiled kernels vs float64
-#   speed        bf16, 8192 tokens, 4096x4096, r=16: nn.Linear, PEFT LoRA, TailLoRLinear eager and every Triton
-#                route, timed with CUDA events (fwd+bwd together, many steps per round); outputs checked vs eager
+#   speed        bf16, 8192 tokens, 4096x4096, r=16, in the head frame (the default) and in the full frame:
+#                nn.Linear, PEFT LoRA, TailLoRLinear eager and every Triton route, timed with CUDA events
+#                (fwd+bwd together, many steps per round); outputs checked vs eager
 #   ext_wait     waits for ext_build; it counts as built only if `taillor info` then says cuda_extension=built
 #   ext_tests    pytest -n CORES -m gpu tests/test_cuda_extension.py tests/test_randomized_svd.py
 #   frames       taillor bench --suites frames: build_frames on a Llama-7B-shaped model (224 matrices, head 256),

@@ -39,7 +39,8 @@ STAGES = (
     ("info", 15, 8, "taillor info --json"),
     ("tests", 100, 25, "pytest -n CORES -m gpu tests (all but the extension's; compiled kernels vs float64)"),
     ("speed", 140, 40, "taillor bench --device cuda --suites adapter --speed-target (bf16, T=8192, 4096x4096, "
-                       "r=16; nn.Linear, PEFT, eager, every Triton route; CUDA events, fwd+bwd together)"),
+                       "r=16, head and full frame; nn.Linear, PEFT, eager, every Triton route; CUDA events, "
+                       "fwd+bwd together)"),
     ("ext_wait", 40, 10, "wait for the background build (setup.py build_ext, TAILLOR_REQUIRE_CUDA_EXT=1), then "
                          "taillor info must say cuda_extension=built"),
     ("ext_tests", 50, 20, "pytest -n CORES -m gpu " + " ".join(EXT_TESTS)),

@@ -40,6 +40,8 @@ def adapter_params() -> list:
     for device in devices():
         for shape in adapter_shapes(device, quick_mode()):
             for method in METHODS:
+                if method == "naive-xv" and shape.frame != "full":  # it projects through the full frame
+                    continue
                 for phase in PHASES:
                     out.append(pytest.param(shape, device, method, phase, marks=_marks(device),
                                             id=f"{device}-{shape.name.replace(' ', '_')}-{method}-{phase}"))

@@ -69,9 +69,15 @@ def test_taillor_bench_command_writes_json(tmp_path, monkeypatch):
     assert rc == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["fast_mode"] is True
-    adapter = {r["method"]: r for r in data["rows"] if r["suite"] == "adapter"}
-    assert {"linear", "peft", "taillor-eager", "naive-xv"} <= set(adapter)
-    for row in adapter.values():
+    by_frame = {frame: {r["method"]: r for r in data["rows"] if r["suite"] == "adapter" and r["frame"] == frame}
+                for frame in ("head", "full")}
+    # The speed target runs in both frames; the naive x·V adapter exists in the full frame only.
+    assert set(by_frame["head"]) == set(by_frame["full"]) == {"linear", "peft", "taillor-eager", "naive-xv"}
+    assert by_frame["head"]["naive-xv"]["skipped"].startswith("the naive x·V adapter projects through the full")
+    adapter = by_frame["full"]
+    timed = [r for rows in by_frame.values() for r in rows.values() if "skipped" not in r]
+    assert len(timed) == 7 and all(r["frame"] in r["shape"] for r in timed)
+    for row in timed:
         for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "ratio_fwd", "ratio_bwd", "ratio_fwd_bwd"):
             assert math.isfinite(row[key]) and row[key] > 0, (row["method"], key)
     assert adapter["linear"]["ratio_fwd_bwd"] == pytest.approx(1.0)
@@ -88,6 +94,17 @@ def test_taillor_bench_command_writes_json(tmp_path, monkeypatch):
             assert row["rel_diff_to_naive"] < TOLERANCE["reordered product"][1] and row["ratio_to_gram"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "PEFT LoRA" in md and "nn.Linear" in md and "TailLoRLinear eager" in md
+
+
+@pytest.mark.parametrize("frame", ["head", "full"])
+def test_adapter_bench_times_the_shapes_frame(frame):
+    """The TailLoR rows of a shape time a layer in that shape's frame (the head frame is the library's default)."""
+    from taillor.bench.methods import build_adapter_methods
+    from taillor.bench.shapes import AdapterShape
+    cases, skipped, _, _ = build_adapter_methods(AdapterShape(32, 16, 12, 4, frame=frame), torch.device("cpu"),
+                                                 ("linear", "taillor-eager", "naive-xv"))
+    assert cases["taillor-eager"].module.config.frame == frame
+    assert ("naive-xv" in skipped) == (frame == "head") and ("naive-xv" in cases) == (frame == "full")
 
 
 def test_taillor_bench_rejects_bad_arguments(tmp_path, capsys):

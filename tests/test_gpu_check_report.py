@@ -112,13 +112,13 @@ def test_a_test_stage_is_met_only_when_every_collected_test_passed(tmp_path, sta
     assert verdict == expected, figure
 
 
-def _speed_rows(ratio, check="ok (max diff to eager: y 1e-3)"):
+def _speed_rows(ratio, check="ok (max diff to eager: y 1e-3)", frames=("head", "full")):
     from taillor.bench import GPU_SPEED_TARGET as t
     from taillor.bench.methods import ROUTE_METHODS
     shape = {"suite": "adapter", "tokens": t.tokens, "d_in": t.d_in, "d_out": t.d_out, "rank": t.rank,
              "dtype": t.dtype, "shape": t.name, "label": "x", "fwd_ms": None, "bwd_ms": None, "fwd_bwd_ms": 1.0,
              "host_ms": 0.2, "host_bound": False, "ratio_fwd_bwd": ratio, "ratio_to_peft": 0.9, "peak_mb": 1.0}
-    return [{**shape, "method": m, "check": check} for m in ROUTE_METHODS]
+    return [{**shape, "frame": frame, "method": m, "check": check} for frame in frames for m in ROUTE_METHODS]
 
 
 @pytest.mark.parametrize("ratio, status, check, expected", [
@@ -131,8 +131,18 @@ def test_speed_goal_is_readmes_and_needs_a_complete_stage(tmp_path, ratio, statu
     from taillor.backends import ADAPTER_ROUTES
     verdicts = _verdicts(tmp_path, {"speed": status}, {"speed.json": json.dumps({"rows": _speed_rows(ratio, check)})})
     speed = {goal: v for goal, v in verdicts.items() if "fwd+bwd <= 1.07x" in goal}
-    assert len(speed) == len(ADAPTER_ROUTES)  # one goal per route the registry knows
+    assert len(speed) == 2 * len(ADAPTER_ROUTES)  # one goal per route the registry knows, in each frame
     assert all(verdict == expected for _, verdict in speed.values()), speed
+
+
+def test_a_frame_the_speed_stage_did_not_time_is_not_measured(tmp_path):
+    """Rows of the full frame only (e.g. a bench that ignores the frame) decide nothing about the default frame."""
+    rows = _speed_rows(1.0, frames=("full",))
+    verdicts = _verdicts(tmp_path, {"speed": "ok"}, {"speed.json": json.dumps({"rows": rows})})
+    head = {goal: v for goal, v in verdicts.items() if ", head frame:" in goal}
+    full = {goal: v for goal, v in verdicts.items() if ", full frame:" in goal}
+    assert head and all(verdict == "not measured" for _, verdict in head.values()), head
+    assert full and all(verdict == "met" for _, verdict in full.values()), full
 
 
 def _frames_rows(seconds, speedup):
@@ -179,6 +189,23 @@ def test_report_lists_what_the_extension_tests_measured(tmp_path):
                                             'name="tf32_sigma_rel_error" value="1.0e-06"/></properties></testcase>'
                                             '</testsuite>')
     assert "| t | tf32_sigma_rel_error | 1.0e-06 |" in report.build(str(tmp_path))
+
+
+def test_report_puts_the_cost_model_beside_the_measured_ratios(tmp_path):
+    """Each route and frame's modelled floor next to its measured ratio; a route whose outputs did not match eager
+    has no measured figure, and a GPU the model does not know gets no model."""
+    report = _benchmarks_module("gpu_check_report")
+    rows = [dict(r, check="FAILED: y differs") if (r["method"], r["frame"]) == ("taillor-split", "head") else r
+            for r in _speed_rows(1.05)]
+    (tmp_path / "speed.json").write_text(json.dumps({"rows": rows}))
+    text = report.build(str(tmp_path), gpu_info="NVIDIA H200, 570.00, 143771 MiB")
+    model = text[text.index("### Cost model"):text.index("### Verdict")]
+    lines = {tuple(line.split()[7:9]): line for line in model.splitlines() if " r 16 " in line}
+    assert len(lines) == 6 and "on H200" in model  # 3 routes x 2 frames at the speed target
+    assert lines[("head", "onepass*")].endswith(" 1.050x") and lines[("full", "fused")].endswith(" 1.050x")
+    assert lines[("head", "split")].endswith(" not measured")
+    other = report.build(str(tmp_path), gpu_info="NVIDIA L4")
+    assert "No cost model for this GPU (NVIDIA L4)" in other
 
 
 def test_nothing_ran_means_every_goal_is_not_measured(tmp_path):
@@ -270,7 +297,7 @@ def test_batched_adapter_timing_rows_on_the_cpu():
     every method in the same rounds, outputs still checked against eager."""
     from taillor.bench.measurement import SyncTimer, measure_adapter
     from taillor.bench.shapes import AdapterShape
-    shape = AdapterShape(32, 16, 12, 4, "float32")
+    shape = AdapterShape(32, 16, 12, 4, "float32", frame="full")  # the naive x·V adapter needs the full frame
     rows = {r["method"]: r for r in measure_adapter(shape, torch.device("cpu"), ("linear", "taillor-eager", "naive-xv"),
                                                     warmup=1, rounds=3, steps_per_round=2,
                                                     batch_timer=SyncTimer(torch.device("cpu")))}

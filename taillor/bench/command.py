@@ -21,8 +21,8 @@ import torch
 from .measurement import measure_adapter, measure_frames, measure_penalty, measure_svd
 from .memory import MEMORY_BASES, MEMORY_METHODS, MEMORY_SHAPES, measure_memory, memory_choice, memory_shapes
 from .methods import METHODS, ROUTE_METHODS
-from .shapes import (CPU_SPEED_TARGET, GPU_SPEED_TARGET, adapter_shapes, fast_mode, frames_models, penalty_cases,
-                     rounds_for, svd_cases)
+from .shapes import (adapter_shapes, fast_mode, frames_models, penalty_cases, rounds_for, speed_targets,
+                     svd_cases)
 from .tables import format_checks, format_markdown, format_text, machine_info, target_checks
 
 
@@ -38,7 +38,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                     "frame building. Prints ratio tables and writes bench.json and bench.md.")
     parser.add_argument("--quick", action="store_true", help="speed-target cases only (and fewer rounds on CUDA)")
     parser.add_argument("--speed-target", action="store_true",
-                        help="adapter suite on the device's speed-target shape only (one frame, one exact SVD)")
+                        help="adapter suite on the device's speed-target shape only, in both frames")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None,
@@ -128,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         n_methods = len([m for m in methods if m not in ROUTE_METHODS or device.type == "cuda"])
         shapes = adapter_shapes(device.type, args.quick)
         if args.speed_target and not fast_mode():
-            shapes = [GPU_SPEED_TARGET if device.type == "cuda" else CPU_SPEED_TARGET]
+            shapes = speed_targets(device.type)
         plan += [("adapter", s, 1 + rounds * n_methods) for s in shapes]
     if "svd" in suites:
         plan += [("svd", c, svd_rounds * 3) for c in svd_cases(device.type, args.quick)]

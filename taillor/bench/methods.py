@@ -188,7 +188,8 @@ def build_adapter_methods(shape: AdapterShape, device: torch.device, methods: It
     """The modules of one adapter shape: ({key: method}, {key: reason skipped}, x, dy).
 
     Every method wraps its own copy of the same frozen base layer (same weights); the TailLoR variants (eager,
-    Triton, compile) share one TailLoRLinear (full frame, alpha = 2r) and differ only in the backend.
+    Triton, compile) share one TailLoRLinear (``shape.frame``, alpha = 2r) and differ only in the backend. The
+    naive x·V adapter is the full frame's alone.
     """
     dtype = shape.torch_dtype
     gen = torch.Generator().manual_seed(seed)
@@ -204,7 +205,7 @@ def build_adapter_methods(shape: AdapterShape, device: torch.device, methods: It
     skipped: dict[str, str] = {}
     layer = None
     if any(m.startswith("taillor") or m == "naive-xv" for m in wanted):
-        layer = TailLoRLinear.from_linear(copy.deepcopy(base), rank=shape.rank, alpha=alpha, frame="full",
+        layer = TailLoRLinear.from_linear(copy.deepcopy(base), rank=shape.rank, alpha=alpha, frame=shape.frame,
                                           seed=seed)
         with torch.no_grad():
             layer.lora_B.normal_(0, 1e-3)
@@ -236,6 +237,9 @@ def build_adapter_methods(shape: AdapterShape, device: torch.device, methods: It
             torch._dynamo.reset()
             out[key] = AdapterMethod(key, torch.compile(layer), layer_params, layer_exclude, backend="eager")
         elif key == "naive-xv":
+            if shape.frame != "full":
+                skipped[key] = "the naive x·V adapter projects through the full frame only"
+                continue
             naive = NaiveFrameAdapter(copy.deepcopy(base), layer.frame.U, layer.frame.V, layer.lora_A.detach(),
                                       layer.lora_B.detach(), layer.scaling)
             params = [naive.lora_A, naive.lora_B]

@@ -6,7 +6,7 @@ by :func:`env_flag`, and ``TAILLOR_BENCH_ROUNDS``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,17 +34,19 @@ def full_mode() -> bool:
 
 @dataclass(frozen=True)
 class AdapterShape:
-    """One adapter benchmark: T tokens through a d_in -> d_out layer (weight d_out×d_in), adapter rank r."""
+    """One adapter benchmark: T tokens through a d_in -> d_out layer (weight d_out×d_in), adapter rank r, the
+    TailLoR layers in ``frame`` ("head", the library's default, or "full": P and Q projected through U and V)."""
     tokens: int
     d_in: int
     d_out: int
     rank: int
     dtype: str = "float32"
     note: str = ""
+    frame: str = "head"
 
     @property
     def name(self) -> str:
-        return f"T={self.tokens} {self.d_in}->{self.d_out} r={self.rank} {_DTYPE_SHORT[self.dtype]}"
+        return f"T={self.tokens} {self.d_in}->{self.d_out} r={self.rank} {_DTYPE_SHORT[self.dtype]} {self.frame}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -53,30 +55,47 @@ class AdapterShape:
 
 _DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
-# The CPU speed target: d = 1024, 2048 tokens, r = 16, full frame, fp32 (eager <= 1.30x floor, faster than PEFT).
+# The speed targets, each timed in both frames (the head frame is the library's default; the full frame adds the
+# projection of the factors through U and V). CPU: d = 1024, 2048 tokens, r = 16, fp32 (eager <= CPU_SPEED_LIMIT x
+# the floor, faster than PEFT). GPU: bf16, 8192 tokens, 4096x4096, r = 16 (every Triton route <= GPU_SPEED_LIMIT x
+# the floor, faster than PEFT).
 CPU_SPEED_TARGET = AdapterShape(2048, 1024, 1024, 16, "float32", "CPU speed target")
-# The GPU speed target: bf16, 8192 tokens, 4096x4096, r = 16 (Triton <= 1.10x floor, faster than PEFT).
 GPU_SPEED_TARGET = AdapterShape(8192, 4096, 4096, 16, "bfloat16", "GPU speed target")
+CPU_SPEED_LIMIT = 1.30
+GPU_SPEED_LIMIT = 1.07
+FRAMES = ("head", "full")
+
+
+def in_both_frames(shape: AdapterShape) -> list[AdapterShape]:
+    """``shape`` in the head frame, then in the full frame."""
+    return [replace(shape, frame=frame) for frame in FRAMES]
+
+
+def speed_targets(device: str) -> list[AdapterShape]:
+    """The speed-target shape of ``device`` ("cpu" | "cuda") in both frames."""
+    return in_both_frames(GPU_SPEED_TARGET if device == "cuda" else CPU_SPEED_TARGET)
 
 
 def adapter_shapes(device: str, quick: bool = False) -> list[AdapterShape]:
-    """The adapter shapes for ``device`` ("cpu" | "cuda"); ``quick`` keeps the speed-target shapes only."""
+    """The adapter shapes for ``device`` ("cpu" | "cuda"): every shape in the head frame, the speed target in both
+    frames; ``quick`` keeps the speed targets (and one smaller step on CUDA)."""
     if fast_mode():
-        return [AdapterShape(64, 48, 40, 4, "float32", "fast")]
+        return in_both_frames(AdapterShape(64, 48, 40, 4, "float32", "fast"))
     if device == "cpu":
         if quick:
-            return [CPU_SPEED_TARGET]
-        return [AdapterShape(256, 384, 384, 8, note="MiniLM width"), AdapterShape(512, 512, 512, 8), CPU_SPEED_TARGET,
-                AdapterShape(2048, 1024, 1024, 64), AdapterShape(1024, 1024, 2816, 16),
+            return speed_targets(device)
+        return [AdapterShape(256, 384, 384, 8, note="MiniLM width"), AdapterShape(512, 512, 512, 8),
+                *speed_targets(device), AdapterShape(2048, 1024, 1024, 64), AdapterShape(1024, 1024, 2816, 16),
                 AdapterShape(1024, 2816, 1024, 16)]
     if quick:
-        return [GPU_SPEED_TARGET, AdapterShape(2048, 4096, 4096, 16, "bfloat16")]
+        return [*speed_targets(device), AdapterShape(2048, 4096, 4096, 16, "bfloat16")]
     shapes = []
     for d_in, d_out in ((4096, 4096), (4096, 11008), (11008, 4096)):
         for tokens in (2048, 8192):
             for rank in (8, 16, 64):
                 shape = AdapterShape(tokens, d_in, d_out, rank, "bfloat16")
-                shapes.append(GPU_SPEED_TARGET if shape == AdapterShape(8192, 4096, 4096, 16, "bfloat16") else shape)
+                is_target = shape == replace(GPU_SPEED_TARGET, note="")
+                shapes += speed_targets(device) if is_target else [shape]
     return shapes
 
 

@@ -11,8 +11,9 @@ from typing import Optional
 import torch
 
 from .memory import RANK, TOKENS, memory_table
-from .methods import METHOD_LABELS
-from .shapes import CPU_SPEED_TARGET, GPU_SPEED_TARGET, PENALTY_SPEED_TARGET, SVD_SPEED_TARGET, fast_mode
+from .methods import METHOD_LABELS, ROUTE_METHODS
+from .shapes import (CPU_SPEED_LIMIT, GPU_SPEED_LIMIT, PENALTY_SPEED_TARGET, SVD_SPEED_TARGET, fast_mode,
+                     speed_targets)
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -118,9 +119,9 @@ def target_checks(rows: list[dict]) -> list[dict]:
     def add(item, measured, target, met):
         checks.append({"item": item, "measured": measured, "target": target, "met": bool(met)})
 
-    for shape, method, limit in ((CPU_SPEED_TARGET, "taillor-eager", 1.30),
-                                 (GPU_SPEED_TARGET, "taillor-fused", 1.10),
-                                 (GPU_SPEED_TARGET, "taillor-split", 1.10)):
+    speed_goals = [(shape, "taillor-eager", CPU_SPEED_LIMIT) for shape in speed_targets("cpu")]
+    speed_goals += [(shape, method, GPU_SPEED_LIMIT) for shape in speed_targets("cuda") for method in ROUTE_METHODS]
+    for shape, method, limit in speed_goals:
         key = _case_fields(shape)
         ours, peft = _find(rows, "adapter", method, **key), _find(rows, "adapter", "peft", **key)
         label = f"{shape.note}: {METHOD_LABELS[method]}"
