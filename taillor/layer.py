@@ -24,6 +24,7 @@ from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
 from .strength import adapt_strength, head_share
+from .task_state import read_task_state, task_state
 
 
 
@@ -339,6 +340,24 @@ class TailLoRLinear(nn.Module):
         self.tasks_consolidated += 1
         self._refresh_protection()
         self.reset_adapter()
+
+    # The finished tasks, λ and the merged flag travel in state_dict() too (:mod:`taillor.task_state`).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(task_state(self, prefix, keep_vars))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        state = read_task_state(state_dict, prefix, self, unexpected_keys, error_msgs)
+        if state is None:
+            return
+        self.consolidated_up, self.consolidated_down = state["consolidated_up"], state["consolidated_down"]
+        self.penalty_strength.fill_(state["penalty_strength"])
+        self.strength_seen.fill_(math.nan)
+        self.tasks_consolidated, self.merged, self._factor_cache = state["tasks_consolidated"], state["merged"], None
+        self._refresh_protection()
 
     # ------------------------------------------------------------------------------------------------------
     # the layer's record in a saved adapter
