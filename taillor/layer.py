@@ -76,12 +76,10 @@ class TailLoRLinear(nn.Module):
         self.frame = frame if frame is not None else compute_frame(base.weight(), config, where)
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         shape_A, shape_B = self.frame_mode.factor_shapes(config.rank, self.frame.rank, d_in, d_out)
-        self.lora_A = nn.Parameter(torch.zeros(shape_A, dtype=dtype, device=base.device))
-        self.lora_B = nn.Parameter(torch.zeros(shape_B, dtype=dtype, device=base.device))
-        self.register_buffer("consolidated_up", torch.zeros(d_out, 0, dtype=dtype, device=base.device),
-                             persistent=False)
-        self.register_buffer("consolidated_down", torch.zeros(0, d_in, dtype=dtype, device=base.device),
-                             persistent=False)
+        zeros = functools.partial(torch.zeros, dtype=dtype, device=base.device)
+        self.lora_A, self.lora_B = nn.Parameter(zeros(shape_A)), nn.Parameter(zeros(shape_B))
+        self.register_buffer("consolidated_up", zeros(d_out, 0), persistent=False)
+        self.register_buffer("consolidated_down", zeros(0, d_in), persistent=False)
         # λ of this layer: config.penalty, or (head_share_target) adapted by a dual step per optimizer step.
         self.register_buffer("penalty_strength", torch.tensor(float(config.penalty), dtype=dtype,
                                                                device=base.device), persistent=False)
@@ -92,14 +90,15 @@ class TailLoRLinear(nn.Module):
                                                          dtype=dtype, device=base.device), persistent=False)
         # protect_tasks: orthonormal bases of the finished tasks' left and right subspaces, in A's and B's
         # coordinates (see _refresh_protection); derived from consolidated_up/down, never saved.
-        self.register_buffer("protect_U", torch.zeros(shape_B[0], 0, dtype=dtype, device=base.device),
-                             persistent=False)
-        self.register_buffer("protect_V", torch.zeros(shape_A[1], 0, dtype=dtype, device=base.device),
-                             persistent=False)
+        self.register_buffer("protect_U", zeros(shape_B[0], 0), persistent=False)
+        self.register_buffer("protect_V", zeros(shape_A[1], 0), persistent=False)
         self.register_buffer("protect_omega2", torch.zeros(0, dtype=self.frame.omega2.dtype, device=base.device),
                              persistent=False)
+        # What merge() added to the base weight (up (d_out, r), down (r, d_in)), so that unmerge() removes exactly
+        # that even if A and B changed since; empty while not merged.
+        self.register_buffer("merged_up", zeros(d_out, 0), persistent=False)
+        self.register_buffer("merged_down", zeros(0, d_in), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.merged = False
         self.tasks_consolidated = 0
         self._factor_cache = None  # (key, P, Q) of adapter_factors without autograd
         self.reset_adapter()
@@ -121,6 +120,10 @@ class TailLoRLinear(nn.Module):
     def frame_mode(self) -> FrameMode:
         """Where A and B live (full: spectral coordinates; head: the layer's), :mod:`taillor.frame.modes`."""
         return frame_mode(self.config.frame)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_up.shape[1] > 0
 
     @property
     def head_size(self) -> int:
@@ -194,8 +197,7 @@ class TailLoRLinear(nn.Module):
             weight = self.base.weight().to(self.lora_A.dtype)
             if self.base.quantized:  # the finished tasks are a frozen term beside the weight, not folded into it
                 return weight
-            weight = weight - self.consolidated_up @ self.consolidated_down
-            return weight - self.delta_weight() if self.merged else weight
+            return weight - self.consolidated_up @ self.consolidated_down - self.merged_up @ self.merged_down
 
     def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
         """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B; with
@@ -290,11 +292,11 @@ class TailLoRLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name or 'TailLoRLinear'}: expected an input of width {self.in_features} (last "
                              f"dimension), got shape {tuple(x.shape)}")
-        if self.merged:
-            return self.base_layer(x)
         dtype = self.base.compute_dtype(x)
-        P, Q = self.adapter_factors(dtype)
         x = x.to(dtype)
+        if self.merged:  # the same input cast as unmerged, so merging never changes what an input gives
+            return self.base_layer(x)
+        P, Q = self.adapter_factors(dtype)
         x_adapter = self.dropout(x) if (self.training and self.config.dropout > 0) else None
         return self.base.adapted_forward(x, P, Q, self.scaling, x_adapter, self.consolidated_up,
                                          self.consolidated_down)
@@ -306,23 +308,21 @@ class TailLoRLinear(nn.Module):
         task's ΔW = up @ down. Gathered first when FSDP2 shards the parameters (a collective then)."""
         with torch.no_grad():
             P, Q = self.adapter_factors()
-            return (self.scaling * Q).detach().clone(), P.t().detach().contiguous()
+            return (self.scaling * Q).detach().clone(), P.t().detach().clone(memory_format=torch.contiguous_format)
 
     @_whole
     def merge(self) -> None:
         """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
-        if self.merged:
-            return
-        self.base.fold(*self.current_factors())
-        self.merged = True
+        if not self.merged:
+            self.merged_up, self.merged_down = self.current_factors()
+            self.base.fold(self.merged_up, self.merged_down)
 
     @_whole
     def unmerge(self) -> None:
-        """Remove the merged ΔW from the base weight (exact up to the base dtype's rounding)."""
-        if not self.merged:
-            return
-        self.base.fold(*self.current_factors(), sign=-1.0)
-        self.merged = False
+        """Remove what merge() added from the base weight (exact up to the base dtype's rounding)."""
+        if self.merged:
+            self.base.fold(self.merged_up, self.merged_down, sign=-1.0)
+            self.merged_up, self.merged_down = self.merged_up[:, :0], self.merged_down[:0]
 
     @_whole
     def consolidate(self) -> None:
@@ -331,12 +331,12 @@ class TailLoRLinear(nn.Module):
         The frame stays the pre-trained one, so the next task's penalty still protects the original head.
         Outputs are unchanged (within the base dtype's rounding).
         """
+        self.unmerge()  # then fold the current ΔW (if it was merged, A and B may have changed since)
         up, down = self.current_factors()
-        if not self.merged and not self.base.quantized:  # a quantized base adds the recorded factors instead
+        if not self.base.quantized:  # a quantized base adds the recorded factors instead
             self.base.fold(up, down)
         self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
         self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
-        self.merged = False
         self.tasks_consolidated += 1
         self._refresh_protection()
         self.reset_adapter()
@@ -356,7 +356,9 @@ class TailLoRLinear(nn.Module):
         self.consolidated_up, self.consolidated_down = state["consolidated_up"], state["consolidated_down"]
         self.penalty_strength.fill_(state["penalty_strength"])
         self.strength_seen.fill_(math.nan)
-        self.tasks_consolidated, self.merged, self._factor_cache = state["tasks_consolidated"], state["merged"], None
+        self.tasks_consolidated, self._factor_cache = state["tasks_consolidated"], None
+        self.merged_up, self.merged_down = (self.current_factors() if state["merged"] else  # in the base weight
+                                            (self.merged_up[:, :0], self.merged_down[:0]))
         self._refresh_protection()
 
     # ------------------------------------------------------------------------------------------------------

@@ -60,6 +60,21 @@ def train_steps(model, steps=3, lr=5e-2, seed=0):
         opt.step()
 
 
+def test_saved_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """Readable as any file the user writes (umask 022: 0o644), not mkstemp's 0o600; a replaced file keeps its own."""
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
+    umask = os.umask(0o022)
+    try:
+        taillor.save_adapter(model, str(tmp_path / "new"))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "new").iterdir()}
+        assert modes == {"adapter_config.json": 0o644, "adapter_model.safetensors": 0o644}
+        os.chmod(tmp_path / "new" / "adapter_model.safetensors", 0o640)
+        taillor.save_adapter(model, str(tmp_path / "new"))
+        assert (tmp_path / "new" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+
+
 @needs_transformers
 def test_apply_matches_original_at_init_and_freezes_the_rest():
     base = tiny_bert()
@@ -179,6 +194,41 @@ def test_merge_unmerge_round_trip_on_a_layer():
 
 
 @needs_transformers
+def test_a_step_taken_while_merged_does_not_corrupt_the_base(tmp_path):
+    """merge() freezes nothing, so an optimizer may change A and B while the layer is merged: unmerge() still removes
+    exactly what merge() added, and consolidate() records the current ΔW with the base to match, so the saved
+    adapter reloads onto the pre-trained model."""
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
+    randomize_adapters(model, seed=3)
+    w0 = {name: layer.base_layer.weight.detach().clone() for name, layer in taillor.iter_taillor_layers(model)}
+    for _, layer in taillor.iter_taillor_layers(model):
+        layer.merge()
+    randomize_adapters(model, seed=4)  # what a step taken while merged does to A and B
+    for name, layer in taillor.iter_taillor_layers(model):
+        layer.unmerge()
+        assert_close(layer.base_layer.weight, w0[name], "weight round trip", f"{name} unmerged after a step")
+        layer.merge()
+    randomize_adapters(model, seed=5)
+    x = torch.randn(7, 24, generator=torch.Generator().manual_seed(6))
+    taillor.consolidate(model)
+    for name, layer in taillor.iter_taillor_layers(model):
+        assert_close(layer.pretrained_weight(), w0[name], "weight round trip", f"{name} pre-trained weight")
+    taillor.save_adapter(model, str(tmp_path))
+    reloaded = taillor.load_adapter(plain_model(), str(tmp_path))
+    with torch.no_grad():
+        assert_close(reloaded(x), model(x), "reordered", "reloaded after consolidating a merged layer")
+
+
+def test_merged_forward_casts_the_input_as_the_unmerged_one_does():
+    layer = taillor.TailLoRLinear.from_linear(nn.Linear(24, 20), rank=3, head=4)
+    x = torch.randn(5, 24).to(torch.bfloat16)
+    unmerged = layer(x)
+    layer.merge()
+    merged = layer(x)
+    assert merged.dtype == unmerged.dtype == torch.float32
+    assert_close(merged, unmerged, "reordered", "merged vs unmerged on a bfloat16 input")
+
+
 def test_initialisation_is_seeded_per_layer_and_task():
     a = taillor.apply_taillor(tiny_bert(), CONFIG)
     b = taillor.apply_taillor(tiny_bert(), CONFIG)
