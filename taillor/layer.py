@@ -23,6 +23,7 @@ from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
+from .record import base_sketch
 from .strength import adapt_strength, head_share
 from .task_state import read_task_state, task_state
 
@@ -74,6 +75,7 @@ class TailLoRLinear(nn.Module):
         self.base = base
         base_layer.requires_grad_(False)
         self.frame = frame if frame is not None else compute_frame(base.weight(), config, where)
+        self.base_sketch = base_sketch(full_tensor(base.weight()))  # of the pre-trained weight, for a saved adapter
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         shape_A, shape_B = self.frame_mode.factor_shapes(config.rank, self.frame.rank, d_in, d_out)
         zeros = functools.partial(torch.zeros, dtype=dtype, device=base.device)
@@ -83,9 +85,8 @@ class TailLoRLinear(nn.Module):
         # λ of this layer: config.penalty, or (head_share_target) adapted by a dual step per optimizer step.
         self.register_buffer("penalty_strength", torch.tensor(float(config.penalty), dtype=dtype,
                                                                device=base.device), persistent=False)
-        # (energy, ‖ΔW‖²) at the last dual step: the next step waits until the optimizer has changed A or B, which
-        # changes them. Both come out of the penalty op, one opaque kernel in eager and compiled code alike, so the
-        # same A, B give the same bits in either (a reduction traced by the compiler might round otherwise).
+        # (energy, ‖ΔW‖²) at the last dual step: the next waits until A or B changed. Both come out of the penalty op
+        # (opaque in eager and compiled code alike, so the same A, B give the same bits; a traced reduction may not).
         self.register_buffer("strength_seen", torch.full((2,) if self.adapts_strength else (0,), math.nan,
                                                          dtype=dtype, device=base.device), persistent=False)
         # protect_tasks: orthonormal bases of the finished tasks' left and right subspaces, in A's and B's
@@ -94,8 +95,7 @@ class TailLoRLinear(nn.Module):
         self.register_buffer("protect_V", zeros(shape_A[1], 0), persistent=False)
         self.register_buffer("protect_omega2", torch.zeros(0, dtype=self.frame.omega2.dtype, device=base.device),
                              persistent=False)
-        # What merge() added to the base weight (up (d_out, r), down (r, d_in)), so that unmerge() removes exactly
-        # that even if A and B changed since; empty while not merged.
+        # What merge() added to the base weight, which unmerge() removes even if A, B changed since; empty if unmerged.
         self.register_buffer("merged_up", zeros(d_out, 0), persistent=False)
         self.register_buffer("merged_down", zeros(0, d_in), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -370,8 +370,8 @@ class TailLoRLinear(nn.Module):
 
         tensors: ``lora_P`` (d_in, r) and ``lora_Q`` (d_out, r) — the current adapter in layer coordinates,
         ΔW = s·Q Pᵀ — and ``consolidated_up`` (d_out, R), ``consolidated_down`` (R, d_in), the finished tasks.
-        meta: d_in, d_out, rank, tasks_consolidated, merged, base_weight_norm (of the pre-trained weight, to
-        recognise the base on load) and penalty_strength (λ of this layer, adapted with head_share_target).
+        meta: d_in, d_out, rank, tasks_consolidated, merged, base_weight_norm and base_sketch (of the pre-trained
+        weight, to recognise the base on load) and penalty_strength (λ of this layer, adapted with head_share_target).
         """
         with torch.no_grad():
             P, Q = self.adapter_factors()
@@ -381,7 +381,7 @@ class TailLoRLinear(nn.Module):
         meta = {"d_in": self.in_features, "d_out": self.out_features, "rank": self.config.rank,
                 "tasks_consolidated": self.tasks_consolidated, "merged": self.merged,
                 "base_weight_norm": float(self.pretrained_weight().double().norm()),
-                "penalty_strength": float(self.penalty_strength)}
+                "base_sketch": list(self.base_sketch), "penalty_strength": float(self.penalty_strength)}
         return tensors, meta
 
     @_whole

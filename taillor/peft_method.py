@@ -10,7 +10,8 @@ injects the adapter by calling ``apply_taillor`` (its target matching, frames an
 Saved adapter (``PeftModel.save_pretrained``: ``adapter_config.json`` + ``adapter_model.safetensors``): per layer
 ``<name>.<part>`` for each part of the layer's record (:meth:`TailLoRLinear.export_record`: lora_P, lora_Q,
 consolidated_up, consolidated_down), its meta as 0-dim tensors (tasks_consolidated, merged, base_weight_norm,
-penalty_strength) and the trainable factors ``lora_A``, ``lora_B``. Loading replays the record (finished tasks
+penalty_strength), ``base_sketch`` (the base weight's sketch, :func:`taillor.record.base_sketch`) and the trainable
+factors ``lora_A``, ``lora_B``. Loading replays the record (finished tasks
 folded into the base weight, λ restored) and then takes A and B exactly as saved when the loading machine's frame
 reproduces the saved P and Q bit for bit (same device and routine); otherwise A and B are re-expressed from P, Q
 in the recomputed frame (the ``reloaded`` tolerance), as :func:`taillor.load_adapter` does.
@@ -44,6 +45,7 @@ PEFT_TYPE = NAME.upper()
 _META = {"tasks_consolidated": torch.int64, "merged": torch.int64, "base_weight_norm": torch.float64,
          "penalty_strength": torch.float64}
 _FACTORS = ("lora_A", "lora_B")
+_SKETCH = "base_sketch"  # (SKETCH_SIZE²,) float64; absent in adapters saved before it existed
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -195,6 +197,7 @@ class TailLoRTuner(BaseTuner):
             record, meta = layer.export_record()
             out.update({f"{name}.{part}": t.clone() for part, t in record.items()})
             out.update({f"{name}.{key}": torch.tensor(meta[key], dtype=dtype) for key, dtype in _META.items()})
+            out[f"{name}.{_SKETCH}"] = torch.tensor(meta[_SKETCH], dtype=torch.float64)
             out.update({f"{name}.{part}": getattr(layer, part).detach().cpu().clone() for part in _FACTORS})
         return out
 
@@ -210,8 +213,10 @@ class TailLoRTuner(BaseTuner):
         prefix = _PEFT_PREFIX if all(k.startswith(_PEFT_PREFIX) for k in state_dict) else ""
         parts = RECORD_TENSORS + tuple(_META) + _FACTORS
         expected = {f"{prefix}{name}.{part}" for name in layers for part in parts}
-        if set(state_dict) != expected:
-            missing, unexpected = sorted(expected - set(state_dict))[:5], sorted(set(state_dict) - expected)[:5]
+        sketches = {f"{prefix}{name}.{_SKETCH}" for name in layers}
+        if set(state_dict) - sketches != expected:
+            missing = sorted(expected - set(state_dict))[:5]
+            unexpected = sorted(set(state_dict) - expected - sketches)[:5]
             raise ValueError(f"the TailLoR adapter does not match the model: missing {missing}, unexpected "
                              f"{unexpected}")
         records = {}
@@ -222,6 +227,8 @@ class TailLoRTuner(BaseTuner):
             entry = {part: state_dict[f"{prefix}{name}.{part}"] for part in parts}
             meta = {key: entry[key].item() for key in _META}
             meta["merged"] = bool(meta["merged"])
+            if f"{prefix}{name}.{_SKETCH}" in state_dict:
+                meta[_SKETCH] = state_dict[f"{prefix}{name}.{_SKETCH}"].tolist()
             P, Q = entry["lora_P"], entry["lora_Q"]
             meta.update(d_in=P.shape[0], d_out=Q.shape[0], rank=P.shape[1])
             check_record(name, layer.base_layer, entry, meta, layer.config)

@@ -15,8 +15,26 @@ from .config import TailLoRConfig
 # The tensors of one layer in a saved adapter; ΔW = s·Q Pᵀ is stored in layer coordinates, which makes a saved
 # adapter independent of the SVD routine's sign and basis choices.
 RECORD_TENSORS = ("lora_P", "lora_Q", "consolidated_up", "consolidated_down")
-# The base weight a record was trained on is recognised by its Frobenius norm, to this relative error.
+# The base weight a record was trained on is recognised by its Frobenius norm, to this relative error, and by a
+# sketch: Gᵀ W H with fixed Gaussian G (d_out, k), H (d_in, k), to BASE_SKETCH_RTOL of the sketch's norm. An update
+# folded into W barely moves its norm (TailLoR keeps it nearly orthogonal to W: the norm moves by ~‖ΔW‖²/2‖W‖),
+# while the sketch moves by about ‖ΔW‖/‖W‖: 5e-3 refuses a base holding a 1 % update and accepts a bfloat16 or
+# float16 copy of the right one (rounding moves the sketch by 1.5e-3 / 2e-4).
 BASE_NORM_RTOL = 1e-3
+SKETCH_SIZE = 8
+BASE_SKETCH_RTOL = 5e-3
+
+
+def base_sketch(weight: Tensor) -> tuple[float, ...]:
+    """The SKETCH_SIZE² numbers of Gᵀ W H for a (d_out, d_in) weight, G and H drawn in float64 on the CPU from a
+    seed set by the shape (the same on every machine), the product in float32 on the weight's device."""
+    d_out, d_in = weight.shape
+    gen = torch.Generator().manual_seed(d_out * 1_000_003 + d_in)
+    G = torch.randn(d_out, SKETCH_SIZE, generator=gen, dtype=torch.float64) / math.sqrt(d_out)
+    H = torch.randn(d_in, SKETCH_SIZE, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    with torch.no_grad():
+        x = weight.detach().to(torch.float32) @ H.to(device=weight.device, dtype=torch.float32)
+        return tuple((G.t() @ x.double().cpu()).flatten().tolist())
 
 
 def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
@@ -46,7 +64,22 @@ def check_record(name: str, base_layer: nn.Module, tensors: dict[str, Tensor], m
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
             or strength < 0:
         raise ValueError(f"{name}: saved penalty_strength {strength!r} is not a finite number >= 0")
-    norm = float(full_tensor(base.weight().detach()).double().norm())  # a collective on a sharded base
+    weight = full_tensor(base.weight().detach())  # a collective on a sharded base
+    norm = float(weight.double().norm())
     if not math.isclose(norm, meta["base_weight_norm"], rel_tol=BASE_NORM_RTOL, abs_tol=1e-12):
         raise ValueError(f"{name}: this base weight (norm {norm:.6g}) is not the one the adapter was trained on "
                          f"(norm {meta['base_weight_norm']:.6g}); load adapters onto the original base model")
+    if "base_sketch" in meta:  # adapters saved before it existed are checked by the norm alone
+        _check_sketch(name, base_sketch(weight), meta["base_sketch"])
+
+
+def _check_sketch(name: str, sketch: tuple[float, ...], saved) -> None:
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(sketch) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in saved):
+        raise ValueError(f"{name}: saved base_sketch is not {len(sketch)} finite numbers")
+    scale = math.sqrt(sum(v * v for v in saved))
+    off = math.sqrt(sum((a - b) ** 2 for a, b in zip(sketch, saved))) / max(scale, 1e-30)
+    if off > BASE_SKETCH_RTOL:
+        raise ValueError(f"{name}: this base weight is not the one the adapter was trained on (its sketch differs by "
+                         f"{off:.2e} of its norm, more than {BASE_SKETCH_RTOL:g}: does it already hold an update, "
+                         "merged or loaded before?); load adapters onto the original base model")

@@ -285,6 +285,47 @@ def test_adapter_for_another_base_or_shape_is_rejected(tmp_path):
         taillor.load_adapter(tiny_bert(), str(tmp_path))
 
 
+def test_a_base_that_already_holds_the_update_is_rejected(tmp_path):
+    """A base that merely holds an update (a merged model) has almost the norm of the pre-trained one: TailLoR keeps
+    ΔW nearly orthogonal to W. The sketch tells them apart, so the updates are not applied twice."""
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
+    for seed in (3, 4):  # two tasks, each ‖ΔW‖ about 2 % of ‖W‖
+        randomize_adapters(model, seed=seed)
+        for _, layer in taillor.iter_taillor_layers(model):
+            with torch.no_grad():
+                layer.lora_B.mul_(0.02 * layer.weight.norm() / layer.delta_weight().norm())
+        if seed == 3:
+            taillor.consolidate(model)
+    taillor.save_adapter(model, str(tmp_path))
+    merged = taillor.merge_and_unload(model)
+    # The message is the sketch's: the norm check, which runs first, accepted this base.
+    with pytest.raises(ValueError, match=r"^0: this base weight is not the one the adapter was trained on \(its "
+                                         r"sketch differs by"):
+        taillor.load_adapter(merged, str(tmp_path))
+    assert not list(taillor.iter_taillor_layers(merged))  # nothing changed
+
+
+def test_the_base_check_accepts_a_half_precision_copy_and_adapters_saved_before_the_sketch(tmp_path):
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
+    randomize_adapters(model, seed=3)
+    taillor.save_adapter(model, str(tmp_path))
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(7))
+    half = taillor.load_adapter(plain_model().to(torch.bfloat16), str(tmp_path))
+    with torch.no_grad():
+        assert_matches_oracle(half(x.bfloat16()), model(x).double(), torch.bfloat16, "adapter on a bfloat16 copy")
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    for meta in document["layers"].values():
+        del meta["base_sketch"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    old = taillor.load_adapter(plain_model(), str(tmp_path))
+    with torch.no_grad():
+        assert_close(old(x), model(x), "reordered", "adapter saved without a sketch")
+    document["layers"]["0"]["base_sketch"] = [1.0, "x"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="0: saved base_sketch is not 64 finite numbers"):
+        taillor.load_adapter(plain_model(), str(tmp_path))
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
     taillor.save_adapter(model, str(tmp_path))

@@ -181,3 +181,23 @@ def test_loading_onto_a_used_adapter_or_another_model_raises(tmp_path):
         model.load_adapter(str(tmp_path), adapter_name="default")
     with pytest.raises(ValueError, match="not the one the adapter was trained on"):
         peft.PeftModel.from_pretrained(tiny_llama(seed=1), str(tmp_path))
+
+
+def test_the_saved_base_sketch_is_checked_and_adapters_saved_without_one_still_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = two_tasks(peft.get_peft_model(tiny_llama(), peft_config()))
+    model.eval()
+    expected = model(input_ids=inputs()).logits
+    model.save_pretrained(str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    sketches = [k for k in tensors if k.endswith(".base_sketch")]
+    assert len(sketches) == 6 and all(tensors[k].shape == (64,) for k in sketches)
+    tensors[sketches[0]] = tensors[sketches[0]] * 1.1  # as if saved on a base that differs by about 10 %
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="sketch differs by 9.09e-02 of its norm"):
+        peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".base_sketch")}, str(weights))
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # saved before the sketch existed
+    loaded.eval()
+    assert torch.equal(loaded(input_ids=inputs()).logits, expected)
