@@ -193,10 +193,10 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def spectral_penalty(model: nn.Module, penalty: float | None = None) -> torch.Tensor:
-    """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²): add it to the task loss yourself (never done
-    behind your back). λ is each layer's strength (``config.penalty``, or its adapted λ with
-    ``head_share_target``), or ``penalty`` for all layers when given (e.g. ``config.penalty``, the value of the
-    fixed-strength formula). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B.
+    """Σ over TailLoR layers of λ·(‖Ω_Uᵀ ΔW‖² + ‖ΔW Ω_V‖²), plus with ``protect_tasks`` (the default) the finished
+    tasks' term (:meth:`TailLoRLinear.spectral_penalty`): add it to the task loss yourself (never done behind your
+    back). λ is each layer's strength (``config.penalty``, or its adapted λ with ``head_share_target``), or
+    ``penalty`` for all layers when given (e.g. ``config.penalty``, the fixed-strength value). A 0-dim float32 tensor on the first layer's device, differentiable in every A and B.
 
     Same-shaped layers run as one batched call per group, dual step included (:mod:`taillor.penalty_groups`): the
     first call stacks their frames and re-points each layer's frame buffers to its slice (no second copy)."""
