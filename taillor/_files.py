@@ -1,6 +1,7 @@
 """Atomic file writes: a temp file in the target folder, fsync, then rename, so a crash never leaves half a file."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -45,9 +46,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> str:
+    """Write ``tensors`` as a safetensors file, atomically; returns the SHA-256 of the bytes written."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    atomic_write(path, write)
+    return hashlib.sha256(data).hexdigest()
 
 
 def atomic_save_json(data: dict, path: str) -> None:

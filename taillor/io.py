@@ -3,13 +3,16 @@
 Format (``adapter_config.json`` + ``adapter_model.safetensors``): the config and, per layer, the record the layer
 exports (:meth:`TailLoRLinear.export_record`): its tensors stored as ``<name>.<part>`` (``lora_P`` (d_in, r) and
 ``lora_Q`` (d_out, r) — the current adapter in layer coordinates, ΔW = s·Q Pᵀ — ``consolidated_up`` (d_out, R)
-and ``consolidated_down`` (R, d_in), the finished tasks) and its meta under ``layers.<name>`` in the JSON. Layer
+and ``consolidated_down`` (R, d_in), the finished tasks) and its meta under ``layers.<name>`` in the JSON, which
+also holds ``weights_sha256``, the digest of the weights file it was saved with (written last: a save cut off
+between the two files is refused on load instead of mixing two saves). Layer
 coordinates make a saved adapter independent of the SVD routine's sign and basis choices: on load, each layer
 re-expresses A and B in the frame that the loading machine computes. This module only serializes: what a record
 holds, how it is checked and how it is restored is the layer's (:mod:`taillor.layer`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Optional
@@ -63,8 +66,9 @@ def save_adapter(model: nn.Module, directory: str) -> None:
 
     def write() -> None:
         os.makedirs(directory, exist_ok=True)
-        atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
-        atomic_save_json(document, os.path.join(directory, CONFIG_NAME))
+        digest = atomic_save_safetensors(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": FORMAT})
+        # The config, written last, names the weights it belongs to: a save cut between the two files is detected.
+        atomic_save_json(dict(document, weights_sha256=digest), os.path.join(directory, CONFIG_NAME))
     write_once(sharded, local_device(model), write)
 
 
@@ -72,7 +76,7 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config document, tensors) of a saved adapter, validated for format; never unpickles. FileNotFoundError when
     a file is missing; :class:`AdapterFileError` (a ValueError naming the file) when one is truncated, corrupt or
     not a taillor adapter."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
     config_path = os.path.join(directory, CONFIG_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
@@ -94,8 +98,15 @@ def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
             isinstance(meta, dict) and _META_KEYS <= set(meta) for meta in layers.values()):
         raise AdapterFileError(f"{config_path}: the adapter config is incomplete (needs 'config' and, per layer, "
                                f"{sorted(_META_KEYS)})")
+    with open(weights_path, "rb") as handle:
+        data = handle.read()
+    digest = document.get("weights_sha256")  # absent in adapters saved before it existed
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise AdapterFileError(f"{weights_path} is not the weights file {config_path} was saved with (SHA-256 "
+                               "differs): a save was cut off between its two files, or one was copied over; save "
+                               "the adapter again")
     try:
-        tensors = load_file(weights_path)
+        tensors = load(data)
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
         raise AdapterFileError(f"{weights_path}: truncated or corrupt safetensors file "
                                f"({type(err).__name__}: {err})") from None

@@ -100,10 +100,25 @@ def _no_layers(path):
         json.dump(document, f)
 
 
-@pytest.mark.parametrize("damage,name", [(_truncate, WEIGHTS_NAME), (_garble, WEIGHTS_NAME), (_bad_json, CONFIG_NAME),
-                                         (_no_layers, CONFIG_NAME), (_garble, CONFIG_NAME)])
-def test_corrupt_or_truncated_adapter_raises_adapter_file_error(tmp_path, damage, name):
+def _no_digest(directory):
+    """As an adapter saved before the config named its weights' SHA-256 reads: the safetensors reader then meets
+    the damage itself."""
+    path = os.path.join(directory, CONFIG_NAME)
+    with open(path) as f:
+        document = json.load(f)
+    del document["weights_sha256"]
+    with open(path, "w") as f:
+        json.dump(document, f)
+
+
+@pytest.mark.parametrize("damage,name,digest", [
+    (_truncate, WEIGHTS_NAME, True), (_garble, WEIGHTS_NAME, True), (_truncate, WEIGHTS_NAME, False),
+    (_garble, WEIGHTS_NAME, False), (_bad_json, CONFIG_NAME, True), (_no_layers, CONFIG_NAME, True),
+    (_garble, CONFIG_NAME, True)])
+def test_corrupt_or_truncated_adapter_raises_adapter_file_error(tmp_path, damage, name, digest):
     directory = _saved(tmp_path)
+    if not digest:
+        _no_digest(directory)
     damage(os.path.join(directory, name))
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8))

@@ -281,6 +281,9 @@ def test_adapter_for_another_base_or_shape_is_rejected(tmp_path):
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     tensors["encoder.layer.0.attention.self.query.lora_P"] = torch.zeros(32, 3)
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    del document["weights_sha256"]  # a hand-edited file, as an adapter saved before the digest existed reads
+    (tmp_path / "adapter_config.json").write_text(json.dumps(document))
     with pytest.raises(ValueError, match=r"lora_P: saved shape \(32, 3\), expected \(32, 4\)"):
         taillor.load_adapter(tiny_bert(), str(tmp_path))
 
@@ -331,15 +334,37 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     taillor.save_adapter(model, str(tmp_path))
     original = (tmp_path / "adapter_model.safetensors").read_bytes()
     randomize_adapters(model, seed=1)
-    import safetensors.torch
-    def broken(tensors, path, metadata=None):
-        open(path, "wb").write(b"partial")
+    from taillor import _files
+
+    def broken(fd):
         raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        taillor.save_adapter(model, str(tmp_path))
+    with monkeypatch.context() as patch:  # the new file is written, then the disk fails before the rename
+        patch.setattr(_files.os, "fsync", broken)
+        with pytest.raises(OSError, match="disk full"):
+            taillor.save_adapter(model, str(tmp_path))
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_save_cut_off_between_its_two_files_is_detected(tmp_path, monkeypatch):
+    """The weights are written first, the config last; a config that does not name the weights beside it (a save
+    cut off in between) is refused by name instead of mixing one save's meta with another's tensors."""
+    from taillor import io as adapter_io
+    model = taillor.apply_taillor(plain_model(), PLAIN_CONFIG, progress=False)
+    taillor.save_adapter(model, str(tmp_path))
+    randomize_adapters(model, seed=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(adapter_io, "atomic_save_json", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            taillor.save_adapter(model, str(tmp_path))
+    with pytest.raises(adapter_io.AdapterFileError, match="adapter_model.safetensors is not the weights file .*"
+                                                          "adapter_config.json was saved with"):
+        taillor.load_adapter(plain_model(), str(tmp_path))
+    taillor.save_adapter(model, str(tmp_path))  # saving again mends it
+    reloaded = taillor.load_adapter(plain_model(), str(tmp_path))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        assert_close(reloaded(x), model(x), "reloaded", "after saving again")
 
 
 @needs_transformers
