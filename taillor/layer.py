@@ -28,7 +28,6 @@ from .strength import adapt_strength, head_share
 from .task_state import read_task_state, task_state
 
 
-
 def _whole(method):
     """A layer method that reads or changes whole parameters: on a model sharded by FSDP2 it runs on gathered
     copies, and each rank keeps its shard of the result (:func:`taillor._sharded.gathered`; a collective then, so
@@ -74,8 +73,9 @@ class TailLoRLinear(nn.Module):
         self.base_layer = base_layer
         self.base = base
         base_layer.requires_grad_(False)
-        self.frame = frame if frame is not None else compute_frame(base.weight(), config, where)
-        self.base_sketch = base_sketch(full_tensor(base.weight()))  # of the pre-trained weight, for a saved adapter
+        weight = base.weight()  # dequantized once on a quantized base
+        self.frame = frame if frame is not None else compute_frame(weight, config, where)
+        self.base_sketch = base_sketch(full_tensor(weight))  # of the pre-trained weight, for a saved adapter
         dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
         shape_A, shape_B = self.frame_mode.factor_shapes(config.rank, self.frame.rank, d_in, d_out)
         zeros = functools.partial(torch.zeros, dtype=dtype, device=base.device)

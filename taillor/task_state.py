@@ -30,9 +30,10 @@ def task_state(layer, prefix: str, keep_vars: bool) -> dict[str, Tensor]:
 def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
                     error_msgs: list) -> Optional[dict]:
     """The entries of ``layer``'s prefix in ``state_dict``, checked against the layer (rank, sizes): a dict by name
-    (the factors as copies in the layer's dtype and on its device), or None when there are none (a checkpoint from before they existed: the layer keeps its state) or they do not
-    fit (then a message naming the layer and the value goes to ``error_msgs``, and load_state_dict raises).
-    Takes the entries off ``unexpected_keys``, where nn.Module's own loading put them."""
+    (the factors as copies in the layer's dtype and on its device), or None when there are none (a checkpoint from
+    before they existed: the layer keeps its state) or they do not fit (then a message naming the layer and the
+    value goes to ``error_msgs``, and load_state_dict raises). Takes the entries off ``unexpected_keys``, where
+    nn.Module's own loading put them."""
     keys = {name: prefix + name for name in TASK_STATE}
     for key in keys.values():
         if key in unexpected_keys:
@@ -44,6 +45,11 @@ def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
     if len(found) < len(TASK_STATE):
         error_msgs.append(f"{where}: the state_dict holds {sorted(found)} of TailLoR's task state but not "
                           f"{sorted(set(TASK_STATE) - set(found))}")
+        return None
+    scalars = ("penalty_strength", "tasks_consolidated", "merged")
+    not_scalar = [f"{name} has shape {tuple(found[name].shape)}" for name in scalars if found[name].numel() != 1]
+    if not_scalar:
+        error_msgs.append(f"{where}: " + "; ".join(not_scalar) + ", expected one number")
         return None
     tasks, merged = int(found["tasks_consolidated"]), int(found["merged"])
     strength = float(found["penalty_strength"])

@@ -116,6 +116,7 @@ def test_a_checkpoint_from_before_the_task_state_loads_as_it_did():
     (lambda s: s.update({"2.merged": torch.tensor(3)}), "2: tasks_consolidated=1, merged=3"),
     (lambda s: s.update({"0.penalty_strength": torch.tensor(float("nan"))}), "0: penalty_strength=nan is not"),
     (lambda s: s.pop("2.merged"), r"2: the state_dict holds .* of TailLoR's task state but not \['merged'\]"),
+    (lambda s: s.update({"0.merged": torch.zeros(2)}), r"0: merged has shape \(2,\), expected one number"),
 ])
 def test_a_task_state_that_does_not_fit_is_refused_by_name(mutate, match):
     state = two_tasks().state_dict()
