@@ -23,7 +23,7 @@ from .base import base_for
 from .config import TailLoRConfig
 from .frame import FrameMode, SpectralFrame, compute_frame, frame_mode
 from .protection import update_bases
-from .record import base_sketch
+from .record import base_sketch, check_merged_unchanged
 from .strength import adapt_strength, head_share
 from .task_state import read_task_state, task_state
 
@@ -314,15 +314,17 @@ class TailLoRLinear(nn.Module):
     def merge(self) -> None:
         """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
         if not self.merged:
-            self.merged_up, self.merged_down = self.current_factors()
-            self.base.fold(self.merged_up, self.merged_down)
+            up, down = self.current_factors()
+            self.base.fold(up, down)  # first: a base that refuses (quantized) leaves the layer unmerged
+            self.merged_up, self.merged_down = up, down
 
     @_whole
     def unmerge(self) -> None:
         """Remove what merge() added from the base weight (exact up to the base dtype's rounding)."""
         if self.merged:
             self.base.fold(self.merged_up, self.merged_down, sign=-1.0)
-            self.merged_up, self.merged_down = self.merged_up[:, :0], self.merged_down[:0]
+            self.merged_up, self.merged_down = self.merged_up.new_zeros(self.out_features, 0), \
+                self.merged_down.new_zeros(0, self.in_features)
 
     @_whole
     def consolidate(self) -> None:
@@ -341,7 +343,7 @@ class TailLoRLinear(nn.Module):
         self._refresh_protection()
         self.reset_adapter()
 
-    # The finished tasks, λ and the merged flag travel in state_dict() too (:mod:`taillor.task_state`).
+    # The finished tasks, λ and the merged factors travel in state_dict() too (:mod:`taillor.task_state`).
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.update(task_state(self, prefix, keep_vars))
@@ -354,16 +356,13 @@ class TailLoRLinear(nn.Module):
         if state is None:
             return
         self.consolidated_up, self.consolidated_down = state["consolidated_up"], state["consolidated_down"]
+        self.merged_up, self.merged_down = state["merged_up"], state["merged_down"]
         self.penalty_strength.fill_(state["penalty_strength"])
         self.strength_seen.fill_(math.nan)
         self.tasks_consolidated, self._factor_cache = state["tasks_consolidated"], None
-        self.merged_up, self.merged_down = (self.current_factors() if state["merged"] else  # in the base weight
-                                            (self.merged_up[:, :0], self.merged_down[:0]))
         self._refresh_protection()
 
-    # ------------------------------------------------------------------------------------------------------
-    # the layer's record in a saved adapter
-    # ------------------------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------- the layer's record in a saved adapter
     @_whole
     def export_record(self) -> tuple[dict[str, Tensor], dict]:
         """This layer's part of a saved adapter: (tensors, meta), on the CPU.
@@ -373,6 +372,7 @@ class TailLoRLinear(nn.Module):
         meta: d_in, d_out, rank, tasks_consolidated, merged, base_weight_norm and base_sketch (of the pre-trained
         weight, to recognise the base on load) and penalty_strength (λ of this layer, adapted with head_share_target).
         """
+        check_merged_unchanged(self)
         with torch.no_grad():
             P, Q = self.adapter_factors()
         tensors = {"lora_P": P.detach().contiguous().cpu(), "lora_Q": Q.detach().contiguous().cpu(),

@@ -44,6 +44,15 @@ def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     return {"lora_P": (d_in, r), "lora_Q": (d_out, r), "consolidated_up": (d_out, R), "consolidated_down": (R, d_in)}
 
 
+def check_merged_unchanged(layer) -> None:
+    """ValueError, naming the layer, if it is merged and A or B changed since merge(): a saved record holds the
+    current adapter and replays merge() with it, which would not be what the base weight holds."""
+    if layer.merged and not all(torch.equal(a, b) for a, b in zip(layer.current_factors(),
+                                                                  (layer.merged_up, layer.merged_down))):
+        raise ValueError(f"{layer.name or 'TailLoRLinear'}: A or B changed after merge(); unmerge() first (it removes "
+                         "exactly what merge() added), then save")
+
+
 def check_record(name: str, base_layer: nn.Module, tensors: dict[str, Tensor], meta: dict,
                  config: TailLoRConfig) -> None:
     """ValueError, naming the layer and the value, unless the record (tensors by part, meta) of layer ``name`` fits

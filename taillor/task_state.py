@@ -2,10 +2,15 @@
 carry besides ``lora_A``, ``lora_B`` and the base layer (whose weight already holds the folded tasks).
 
 Entries, under the layer's prefix: ``consolidated_up`` (d_out, R) and ``consolidated_down`` (R, d_in) in the
-adapter's dtype, ``penalty_strength`` (0-dim, λ), ``tasks_consolidated`` and ``merged`` (0-dim int64); R = rank ·
-tasks_consolidated. Tensors only, so safetensors and ``torch.load(weights_only=True)`` read them. Without them a
-checkpoint restores the outputs but forgets the finished tasks: λ restarts, ``protect_tasks`` protects nothing, and
-a later ``save_adapter`` records the folded base as if it were the pre-trained one.
+adapter's dtype, R = rank · tasks_consolidated; ``penalty_strength`` (0-dim, λ); ``tasks_consolidated`` (0-dim
+int64); ``merged_up`` (d_out, r or 0) and ``merged_down`` (r or 0, d_in), what ``merge()`` added to the base weight
+(empty when not merged). Tensors only, so safetensors and ``torch.load(weights_only=True)`` read them. Without them
+a checkpoint restores the outputs but forgets the finished tasks: λ restarts, ``protect_tasks`` protects nothing,
+and a later ``save_adapter`` records the folded base as if it were the pre-trained one.
+
+The shapes grow with the tasks, so a loader that fills the fresh model's tensors in place
+(``torch.distributed.checkpoint``) refuses a checkpoint taken after a consolidation (a size mismatch on
+``consolidated_up``): checkpoint such runs with ``save_adapter`` / ``load_adapter`` (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -15,15 +20,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-TASK_STATE = ("consolidated_up", "consolidated_down", "penalty_strength", "tasks_consolidated", "merged")
+TASK_STATE = ("consolidated_up", "consolidated_down", "penalty_strength", "tasks_consolidated", "merged_up",
+              "merged_down")
+_FACTORS = ("consolidated_up", "consolidated_down", "merged_up", "merged_down")
 
 
 def task_state(layer, prefix: str, keep_vars: bool) -> dict[str, Tensor]:
     """The entries of ``layer`` (a TailLoRLinear) for its state_dict, keyed ``prefix + name``."""
-    tensors = {name: getattr(layer, name) for name in TASK_STATE[:3]}
+    tensors = {name: getattr(layer, name) for name in (*_FACTORS, "penalty_strength")}
     out = {prefix + name: (t if keep_vars else t.detach()) for name, t in tensors.items()}
     out[prefix + "tasks_consolidated"] = torch.tensor(layer.tasks_consolidated, dtype=torch.int64)
-    out[prefix + "merged"] = torch.tensor(int(layer.merged), dtype=torch.int64)
     return out
 
 
@@ -46,25 +52,25 @@ def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
         error_msgs.append(f"{where}: the state_dict holds {sorted(found)} of TailLoR's task state but not "
                           f"{sorted(set(TASK_STATE) - set(found))}")
         return None
-    scalars = ("penalty_strength", "tasks_consolidated", "merged")
-    not_scalar = [f"{name} has shape {tuple(found[name].shape)}" for name in scalars if found[name].numel() != 1]
-    if not_scalar:
-        error_msgs.append(f"{where}: " + "; ".join(not_scalar) + ", expected one number")
+    count = found["tasks_consolidated"]
+    if count.numel() != 1 or count.is_floating_point() or found["penalty_strength"].numel() != 1:
+        error_msgs.append(f"{where}: tasks_consolidated {count.dtype} {tuple(count.shape)} and penalty_strength "
+                          f"{tuple(found['penalty_strength'].shape)} must be one integer and one number")
         return None
-    tasks, merged = int(found["tasks_consolidated"]), int(found["merged"])
-    strength = float(found["penalty_strength"])
-    R = layer.config.rank * tasks
-    expected = {"consolidated_up": (layer.out_features, R), "consolidated_down": (R, layer.in_features)}
+    tasks, strength = int(count), float(found["penalty_strength"])
+    R, r = layer.config.rank * tasks, (layer.config.rank if found["merged_up"].shape[-1] else 0)
+    d_out, d_in = layer.out_features, layer.in_features
+    expected = {"consolidated_up": (d_out, R), "consolidated_down": (R, d_in), "merged_up": (d_out, r),
+                "merged_down": (r, d_in)}
     problems = [f"{name} has shape {tuple(found[name].shape)}, expected {shape}"
                 for name, shape in expected.items() if tuple(found[name].shape) != shape]
-    if tasks < 0 or merged not in (0, 1):
-        problems.append(f"tasks_consolidated={tasks}, merged={merged}")
+    if tasks < 0:
+        problems.append(f"tasks_consolidated={tasks}")
     if not math.isfinite(strength) or strength < 0:
         problems.append(f"penalty_strength={strength!r} is not a finite number >= 0")
     if problems:
         error_msgs.append(f"{where}: " + "; ".join(problems))
         return None
     like = layer.consolidated_up  # the adapter's dtype, the layer's device
-    return {"consolidated_up": found["consolidated_up"].to(like).clone(),
-            "consolidated_down": found["consolidated_down"].to(like).clone(),
-            "penalty_strength": strength, "tasks_consolidated": tasks, "merged": bool(merged)}
+    return {**{name: found[name].to(like).clone(memory_format=torch.contiguous_format) for name in _FACTORS},
+            "penalty_strength": strength, "tasks_consolidated": tasks}

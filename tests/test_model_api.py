@@ -209,6 +209,9 @@ def test_a_step_taken_while_merged_does_not_corrupt_the_base(tmp_path):
         assert_close(layer.base_layer.weight, w0[name], "weight round trip", f"{name} unmerged after a step")
         layer.merge()
     randomize_adapters(model, seed=5)
+    with pytest.raises(ValueError, match=r"^0: A or B changed after merge\(\); unmerge\(\) first"):
+        taillor.save_adapter(model, str(tmp_path))  # the record would replay merge() with other factors
+    assert not os.listdir(tmp_path)
     x = torch.randn(7, 24, generator=torch.Generator().manual_seed(6))
     taillor.consolidate(model)
     for name, layer in taillor.iter_taillor_layers(model):

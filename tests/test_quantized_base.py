@@ -174,6 +174,8 @@ def test_merge_and_unload_on_quantized_base_is_refused_and_changes_nothing(bnb):
     assert torch.equal(model(x), before)
     with pytest.raises(TypeError, match="cannot be folded"):
         model.up.merge()
+    assert not model.up.merged and torch.equal(model(x), before)  # the refused merge left the layer as it was
+    taillor.consolidate(model)  # and the layer still works
 
 
 @pytest.mark.parametrize("kind", QUANTIZED)

@@ -1,5 +1,5 @@
 """A TailLoR model's continual-learning state survives a plain state_dict checkpoint (taillor/task_state.py): the
-finished tasks, λ, protect_tasks' bases and the merged flag, in torch.save and safetensors files alike, and a bad
+finished tasks, λ, protect_tasks' bases and what merge() added, in torch.save and safetensors files alike, and a bad
 entry is refused with the layer and the value named."""
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def inputs() -> torch.Tensor:
 def assert_same_state(restored, original) -> None:
     for (name, a), (_, b) in zip(taillor.iter_taillor_layers(restored), taillor.iter_taillor_layers(original)):
         assert (a.tasks_consolidated, a.merged) == (b.tasks_consolidated, b.merged), name
-        for part in ("consolidated_up", "consolidated_down", "penalty_strength", "protect_U", "protect_V"):
+        for part in ("consolidated_up", "consolidated_down", "merged_up", "merged_down", "penalty_strength",
+                     "protect_U", "protect_V"):
             assert torch.equal(getattr(a, part), getattr(b, part)), (name, part)
     with torch.no_grad():
         assert torch.equal(restored(inputs()), original(inputs()))
@@ -86,10 +87,14 @@ def test_an_adapter_saved_after_a_checkpoint_reload_still_holds_every_task(tmp_p
     assert reloaded[0].tasks_consolidated == 1
 
 
-def test_the_merged_flag_travels_with_the_merged_weight():
+def test_what_merge_added_travels_with_the_merged_weight():
+    """Even after an optimizer step taken while merged (A, B no longer what merge() added), the restored model
+    unmerges exactly what the original does."""
     original = two_tasks()
     for _, layer in taillor.iter_taillor_layers(original):
         layer.merge()
+    train(original, 2.0, steps=2)
+    assert not torch.equal(original[0].current_factors()[0], original[0].merged_up)
     restored = fresh_model()
     restored.load_state_dict(original.state_dict())
     assert_same_state(restored, original)
@@ -113,10 +118,15 @@ def test_a_checkpoint_from_before_the_task_state_loads_as_it_did():
 @pytest.mark.parametrize("mutate, match", [
     (lambda s: s.update({"0.tasks_consolidated": torch.tensor(2)}), r"0: consolidated_up has shape \(40, 4\), "
                                                                     r"expected \(40, 8\)"),
-    (lambda s: s.update({"2.merged": torch.tensor(3)}), "2: tasks_consolidated=1, merged=3"),
+    (lambda s: s.update({"2.tasks_consolidated": torch.tensor(-1)}), r"2: consolidated_up has shape \(32, 4\), "
+                                                                     r"expected \(32, -4\).*tasks_consolidated=-1"),
+    (lambda s: s.update({"2.merged_up": torch.zeros(32, 3)}),
+     r"2: merged_up has shape \(32, 3\), expected \(32, 4\)"),
     (lambda s: s.update({"0.penalty_strength": torch.tensor(float("nan"))}), "0: penalty_strength=nan is not"),
-    (lambda s: s.pop("2.merged"), r"2: the state_dict holds .* of TailLoR's task state but not \['merged'\]"),
-    (lambda s: s.update({"0.merged": torch.zeros(2)}), r"0: merged has shape \(2,\), expected one number"),
+    (lambda s: s.pop("2.merged_down"),
+     r"2: the state_dict holds .* of TailLoR's task state but not \['merged_down'\]"),
+    (lambda s: s.update({"0.tasks_consolidated": torch.tensor(1.0)}),
+     r"0: tasks_consolidated torch.float32 \(\) and penalty_strength"),
 ])
 def test_a_task_state_that_does_not_fit_is_refused_by_name(mutate, match):
     state = two_tasks().state_dict()
