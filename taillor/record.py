@@ -27,13 +27,15 @@ BASE_SKETCH_RTOL = 5e-3
 
 def base_sketch(weight: Tensor) -> tuple[float, ...]:
     """The SKETCH_SIZE² numbers of Gᵀ W H for a (d_out, d_in) weight, G and H drawn in float64 on the CPU from a
-    seed set by the shape (the same on every machine), the product in float32 on the weight's device."""
+    seed set by the shape (the same on every machine), W H in float32 on the weight's device, 1024 rows at a time
+    (a 16-bit weight is never copied whole to float32)."""
     d_out, d_in = weight.shape
     gen = torch.Generator().manual_seed(d_out * 1_000_003 + d_in)
     G = torch.randn(d_out, SKETCH_SIZE, generator=gen, dtype=torch.float64) / math.sqrt(d_out)
     H = torch.randn(d_in, SKETCH_SIZE, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    H = H.to(device=weight.device, dtype=torch.float32)
     with torch.no_grad():
-        x = weight.detach().to(torch.float32) @ H.to(device=weight.device, dtype=torch.float32)
+        x = torch.cat([rows.to(torch.float32) @ H for rows in weight.detach().split(1024)])
         return tuple((G.t() @ x.double().cpu()).flatten().tolist())
 
 
