@@ -37,8 +37,8 @@ EXT_TESTS = ("tests/test_cuda_extension.py", "tests/test_randomized_svd.py")
 STAGES = (
     ("install", 30, 20, "pip install --no-deps --no-build-isolation -e . (TAILLOR_NO_CUDA_EXT=1: no compile)"),
     ("info", 15, 8, "taillor info --json"),
-    ("tests", 100, 25, "pytest -n CORES -m gpu tests (all but the extension's; compiled kernels vs float64)"),
-    ("speed", 140, 50, "taillor bench --device cuda --suites adapter --speed-target (bf16, T=8192, 4096x4096, "
+    ("tests", 90, 25, "pytest -n CORES -m gpu tests (all but the extension's; compiled kernels vs float64)"),
+    ("speed", 150, 50, "taillor bench --device cuda --suites adapter --speed-target (bf16, T=8192, 4096x4096, "
                        "r=16, head and full frame; nn.Linear, PEFT, eager, every Triton route; CUDA events, "
                        "fwd+bwd together)"),
     ("ext_wait", 40, 10, "wait for the background build (setup.py build_ext, TAILLOR_REQUIRE_CUDA_EXT=1), then "
