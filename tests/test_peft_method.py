@@ -114,16 +114,22 @@ def test_save_and_from_pretrained_round_trip_exactly_after_two_tasks(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
-def test_from_pretrained_reexpresses_the_adapter_when_the_frame_differs(tmp_path):
-    """A and B stored in another frame (another machine's SVD): loading takes the adapter from its layer
-    coordinates P, Q instead, within the reload tolerance."""
-    from safetensors.torch import load_file, save_file
+def saved_two_tasks(tmp_path):
+    """(model, its logits, weights path, its tensors) of a two-task model saved with save_pretrained in tmp_path."""
+    from safetensors.torch import load_file
     model = two_tasks(peft.get_peft_model(tiny_llama(), peft_config()))
     model.eval()
     expected = model(input_ids=inputs()).logits
     model.save_pretrained(str(tmp_path))
     path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(path))
+    return model, expected, path, load_file(str(path))
+
+
+def test_from_pretrained_reexpresses_the_adapter_when_the_frame_differs(tmp_path):
+    """A and B stored in another frame (another machine's SVD): loading takes the adapter from its layer
+    coordinates P, Q instead, within the reload tolerance."""
+    from safetensors.torch import save_file
+    model, expected, path, tensors = saved_two_tasks(tmp_path)
     tensors = {k: (-v if k.endswith(".lora_A") else v) for k, v in tensors.items()}  # another frame's signs
     save_file(tensors, str(path), metadata={"format": "pt"})
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
@@ -184,13 +190,8 @@ def test_loading_onto_a_used_adapter_or_another_model_raises(tmp_path):
 
 
 def test_the_saved_base_sketch_is_checked_and_adapters_saved_without_one_still_load(tmp_path):
-    from safetensors.torch import load_file, save_file
-    model = two_tasks(peft.get_peft_model(tiny_llama(), peft_config()))
-    model.eval()
-    expected = model(input_ids=inputs()).logits
-    model.save_pretrained(str(tmp_path))
-    weights = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
+    from safetensors.torch import save_file
+    _, expected, weights, tensors = saved_two_tasks(tmp_path)
     sketches = [k for k in tensors if k.endswith(".base_sketch")]
     assert len(sketches) == 6 and all(tensors[k].shape == (64,) for k in sketches)
     tensors[sketches[0]] = tensors[sketches[0]] * 1.1  # as if saved on a base that differs by about 10 %
