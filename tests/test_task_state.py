@@ -137,3 +137,28 @@ def test_a_task_state_that_does_not_fit_is_refused_by_name(mutate, match):
         restored.load_state_dict(state)
     layer = restored[0] if match.startswith("0") else restored[2]
     assert layer.tasks_consolidated == 0 and torch.equal(layer.consolidated_up, before[match[0] + ".consolidated_up"])
+
+
+def test_a_hugging_face_checkpoint_keeps_the_finished_tasks(tmp_path):
+    """save_pretrained (what a Trainer checkpoint writes) keeps the task state, and loading its state dict into a
+    fresh TailLoR model, as a resume does, restores it."""
+    pytest.importorskip("transformers")
+    from tiny_models import tiny_llama
+    config = taillor.TailLoRConfig(rank=2, head=4, target_modules=["q_proj", "v_proj"])
+    model = taillor.apply_taillor(tiny_llama(), config, progress=False)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        (model(input_ids=ids, labels=ids).loss + taillor.spectral_penalty(model)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    taillor.consolidate(model)
+    model.save_pretrained(str(tmp_path))
+    resumed = taillor.apply_taillor(tiny_llama(), config, progress=False)
+    result = resumed.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, a), (_, b) in zip(taillor.iter_taillor_layers(resumed), taillor.iter_taillor_layers(model)):
+        assert a.tasks_consolidated == b.tasks_consolidated == 1, name
+        assert torch.equal(a.consolidated_up, b.consolidated_up) and torch.equal(a.protect_V, b.protect_V), name
+    with torch.no_grad():
+        assert torch.equal(resumed(input_ids=ids).logits, model(input_ids=ids).logits)
