@@ -53,8 +53,8 @@ class TailLoRLinear(nn.Module):
     Attributes: ``base_layer`` (the wrapped nn.Linear or bitsandbytes quantized linear), ``frame``
     (:class:`SpectralFrame`: U (d_out, k), S (k,), V (d_in, k)), ``lora_A`` (r, k) / (r, d_in) and ``lora_B``
     (k, r) / (d_out, r) — float32 parameters (float64 for a float64 base) — ``consolidated_up`` (d_out, R) and
-    ``consolidated_down`` (R, d_in): the updates of finished tasks, already folded into the base weight (on a
-    quantized base: added by the forward as a frozen low-rank term, see :mod:`taillor.base`), kept so that they
+    ``consolidated_down`` (R, d_in): the updates of finished tasks, folded into a float32/64 base weight (on a
+    16-bit or quantized base: added by the forward as a frozen low-rank term, see :mod:`taillor.base`), kept so they
     can be saved, exported and reported. Inputs may be any float dtype; the adapter runs in the base weight's
     dtype (or autocast's; on a quantized base, the input's).
     """
@@ -93,8 +93,7 @@ class TailLoRLinear(nn.Module):
         # coordinates (see _refresh_protection); derived from consolidated_up/down, never saved.
         self.register_buffer("protect_U", zeros(shape_B[0], 0), persistent=False)
         self.register_buffer("protect_V", zeros(shape_A[1], 0), persistent=False)
-        self.register_buffer("protect_omega2", torch.zeros(0, dtype=self.frame.omega2.dtype, device=base.device),
-                             persistent=False)
+        self.register_buffer("protect_omega2", zeros(0, dtype=self.frame.omega2.dtype), persistent=False)
         # What merge() added to the base weight, which unmerge() removes even if A, B changed since; empty if unmerged.
         self.register_buffer("merged_up", zeros(d_out, 0), persistent=False)
         self.register_buffer("merged_down", zeros(0, d_in), persistent=False)
@@ -194,10 +193,9 @@ class TailLoRLinear(nn.Module):
     def pretrained_weight(self) -> Tensor:
         """The base weight before any consolidation or merge, in the adapter's dtype."""
         with torch.no_grad():
-            weight = self.base.weight().to(self.lora_A.dtype)
-            if self.base.quantized:  # the finished tasks are a frozen term beside the weight, not folded into it
-                return weight
-            return weight - self.consolidated_up @ self.consolidated_down - self.merged_up @ self.merged_down
+            weight = self.base.weight().to(self.lora_A.dtype) - self.merged_up @ self.merged_down
+            # On a quantized or 16-bit base the finished tasks are a frozen term beside the weight, not in it.
+            return weight - self.consolidated_up @ self.consolidated_down if self.base.folds_tasks else weight
 
     def spectral_penalty(self, penalty: Optional[float] = None) -> Tensor:
         """λ·(‖Ω_Uᵀ ΔW‖²_F + ‖ΔW Ω_V‖²_F) in Gram form: a 0-dim tensor, differentiable in A and B; with
@@ -314,7 +312,8 @@ class TailLoRLinear(nn.Module):
     def merge(self) -> None:
         """Add ΔW to the base weight (in float32, cast back); the adapter stops contributing until unmerge()."""
         if not self.merged:
-            up, down = self.current_factors()
+            up, down = self.base.with_unfolded_tasks(*self.current_factors(), self.consolidated_up,
+                                                     self.consolidated_down)
             self.base.fold(up, down)  # first: a base that refuses (quantized) leaves the layer unmerged
             self.merged_up, self.merged_down = up, down
 
@@ -322,9 +321,9 @@ class TailLoRLinear(nn.Module):
     def unmerge(self) -> None:
         """Remove what merge() added from the base weight (exact up to the base dtype's rounding)."""
         if self.merged:
-            self.base.fold(self.merged_up, self.merged_down, sign=-1.0)
-            self.merged_up, self.merged_down = self.merged_up.new_zeros(self.out_features, 0), \
-                self.merged_down.new_zeros(0, self.in_features)
+            up, down = self.merged_up, self.merged_down
+            self.base.fold(up, down, sign=-1.0)
+            self.merged_up, self.merged_down = up.new_zeros(up.shape[0], 0), down.new_zeros(0, down.shape[1])
 
     @_whole
     def consolidate(self) -> None:
@@ -335,7 +334,7 @@ class TailLoRLinear(nn.Module):
         """
         self.unmerge()  # then fold the current ΔW (if it was merged, A and B may have changed since)
         up, down = self.current_factors()
-        if not self.base.quantized:  # a quantized base adds the recorded factors instead
+        if self.base.folds_tasks:  # else (quantized, 16-bit) the forward adds the recorded factors, exactly
             self.base.fold(up, down)
         self.consolidated_up = torch.cat([self.consolidated_up, up], dim=1)
         self.consolidated_down = torch.cat([self.consolidated_down, down], dim=0)
@@ -359,7 +358,8 @@ class TailLoRLinear(nn.Module):
         self.merged_up, self.merged_down = state["merged_up"], state["merged_down"]
         self.penalty_strength.fill_(state["penalty_strength"])
         self.strength_seen.fill_(math.nan)
-        self.tasks_consolidated, self._factor_cache = state["tasks_consolidated"], None
+        self.tasks_consolidated, self.base.folds_tasks = state["tasks_consolidated"], state["tasks_folded"]
+        self._factor_cache = None
         self._refresh_protection()
 
     # ---------------------------------------------------------------------- the layer's record in a saved adapter
@@ -393,7 +393,7 @@ class TailLoRLinear(nn.Module):
         device, dtype = self.lora_A.device, self.lora_A.dtype
         up, down = (tensors[part].to(device=device, dtype=dtype) for part in ("consolidated_up", "consolidated_down"))
         r = meta["rank"]
-        for task in range(0 if self.base.quantized else meta["tasks_consolidated"]):
+        for task in range(meta["tasks_consolidated"] if self.base.folds_tasks else 0):
             self.base.fold(up[:, task * r:(task + 1) * r], down[task * r:(task + 1) * r])
         self.consolidated_up, self.consolidated_down = up.contiguous(), down.contiguous()
         self.tasks_consolidated = meta["tasks_consolidated"]

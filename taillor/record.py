@@ -49,8 +49,9 @@ def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
 def check_merged_unchanged(layer) -> None:
     """ValueError, naming the layer, if it is merged and A or B changed since merge(): a saved record holds the
     current adapter and replays merge() with it, which would not be what the base weight holds."""
-    if layer.merged and not all(torch.equal(a, b) for a, b in zip(layer.current_factors(),
-                                                                  (layer.merged_up, layer.merged_down))):
+    merged_now = layer.base.with_unfolded_tasks(*layer.current_factors(), layer.consolidated_up,
+                                                layer.consolidated_down) if layer.merged else ()
+    if not all(torch.equal(a, b) for a, b in zip(merged_now, (layer.merged_up, layer.merged_down))):
         raise ValueError(f"{layer.name or 'TailLoRLinear'}: A or B changed after merge(); unmerge() first (it removes "
                          "exactly what merge() added), then save")
 

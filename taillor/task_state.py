@@ -3,8 +3,9 @@ carry besides ``lora_A``, ``lora_B`` and the base layer (whose weight already ho
 
 Entries, under the layer's prefix: ``consolidated_up`` (d_out, R) and ``consolidated_down`` (R, d_in) in the
 adapter's dtype, R = rank · tasks_consolidated; ``penalty_strength`` (0-dim, λ); ``tasks_consolidated`` (0-dim
-int64); ``merged_up`` (d_out, r or 0) and ``merged_down`` (r or 0, d_in), what ``merge()`` added to the base weight
-(empty when not merged). Tensors only, so safetensors and ``torch.load(weights_only=True)`` read them. Without them
+int64); ``tasks_folded`` (0-dim int64: whether the base weight holds the finished tasks,
+:mod:`taillor.base`); ``merged_up`` (d_out, M) and ``merged_down`` (M, d_in), what ``merge()`` added to the base
+weight (M = 0 when not merged, r when merged, R + r when merged with unfolded tasks). Tensors only, so safetensors and ``torch.load(weights_only=True)`` read them. Without them
 a checkpoint restores the outputs but forgets the finished tasks: λ restarts, ``protect_tasks`` protects nothing,
 and a later ``save_adapter`` records the folded base as if it were the pre-trained one.
 
@@ -20,8 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-TASK_STATE = ("consolidated_up", "consolidated_down", "penalty_strength", "tasks_consolidated", "merged_up",
-              "merged_down")
+TASK_STATE = ("consolidated_up", "consolidated_down", "penalty_strength", "tasks_consolidated", "tasks_folded",
+              "merged_up", "merged_down")
 _FACTORS = ("consolidated_up", "consolidated_down", "merged_up", "merged_down")
 
 
@@ -30,6 +31,7 @@ def task_state(layer, prefix: str, keep_vars: bool) -> dict[str, Tensor]:
     tensors = {name: getattr(layer, name) for name in (*_FACTORS, "penalty_strength")}
     out = {prefix + name: (t if keep_vars else t.detach()) for name, t in tensors.items()}
     out[prefix + "tasks_consolidated"] = torch.tensor(layer.tasks_consolidated, dtype=torch.int64)
+    out[prefix + "tasks_folded"] = torch.tensor(int(layer.base.folds_tasks), dtype=torch.int64)
     return out
 
 
@@ -52,20 +54,22 @@ def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
         error_msgs.append(f"{where}: the state_dict holds {sorted(found)} of TailLoR's task state but not "
                           f"{sorted(set(TASK_STATE) - set(found))}")
         return None
-    count = found["tasks_consolidated"]
-    if count.numel() != 1 or count.is_floating_point() or found["penalty_strength"].numel() != 1:
-        error_msgs.append(f"{where}: tasks_consolidated {count.dtype} {tuple(count.shape)} and penalty_strength "
-                          f"{tuple(found['penalty_strength'].shape)} must be one integer and one number")
+    count, folded = found["tasks_consolidated"], found["tasks_folded"]
+    if any(t.numel() != 1 or t.is_floating_point() for t in (count, folded)) or found["penalty_strength"].numel() != 1:
+        error_msgs.append(f"{where}: tasks_consolidated {count.dtype} {tuple(count.shape)}, tasks_folded "
+                          f"{folded.dtype} {tuple(folded.shape)} and penalty_strength "
+                          f"{tuple(found['penalty_strength'].shape)} must be two integers and one number")
         return None
-    tasks, strength = int(count), float(found["penalty_strength"])
-    R, r = layer.config.rank * tasks, (layer.config.rank if found["merged_up"].shape[-1] else 0)
+    tasks, folded, strength = int(count), int(folded), float(found["penalty_strength"])
+    R = layer.config.rank * tasks
+    r = (layer.config.rank + (0 if folded else R)) if found["merged_up"].shape[-1] else 0
     d_out, d_in = layer.out_features, layer.in_features
     expected = {"consolidated_up": (d_out, R), "consolidated_down": (R, d_in), "merged_up": (d_out, r),
                 "merged_down": (r, d_in)}
     problems = [f"{name} has shape {tuple(found[name].shape)}, expected {shape}"
                 for name, shape in expected.items() if tuple(found[name].shape) != shape]
-    if tasks < 0:
-        problems.append(f"tasks_consolidated={tasks}")
+    if tasks < 0 or folded not in (0, 1) or (folded and layer.base.quantized):
+        problems.append(f"tasks_consolidated={tasks}, tasks_folded={folded} (a quantized base never folds)")
     if not math.isfinite(strength) or strength < 0:
         problems.append(f"penalty_strength={strength!r} is not a finite number >= 0")
     if problems:
@@ -73,4 +77,4 @@ def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
         return None
     like = layer.consolidated_up  # the adapter's dtype, the layer's device
     return {**{name: found[name].to(like).clone(memory_format=torch.contiguous_format) for name in _FACTORS},
-            "penalty_strength": strength, "tasks_consolidated": tasks}
+            "penalty_strength": strength, "tasks_consolidated": tasks, "tasks_folded": bool(folded)}

@@ -222,6 +222,53 @@ def test_a_step_taken_while_merged_does_not_corrupt_the_base(tmp_path):
         assert_close(reloaded(x), model(x), "reordered", "reloaded after consolidating a merged layer")
 
 
+def test_a_16bit_base_keeps_the_finished_tasks_unfolded_and_exact(tmp_path):
+    """On a bfloat16 weight consolidate does not fold (rounding would distort a small update): the weight stays
+    the pre-trained one bit for bit, the forward adds the finished tasks, and save/load, a state_dict checkpoint,
+    merge and merge_and_unload all give what a float64 model with every update gives."""
+    model = taillor.apply_taillor(plain_model().to(torch.bfloat16), PLAIN_CONFIG, progress=False)
+    w0 = {name: layer.base_layer.weight.detach().clone() for name, layer in taillor.iter_taillor_layers(model)}
+    assert all(not layer.base.folds_tasks for _, layer in taillor.iter_taillor_layers(model))
+    x = torch.randn(9, 24, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+
+    def oracle():
+        """The float64 model: each pre-trained weight plus everything its layer learned."""
+        h = x.double()
+        for i, module in enumerate(model):
+            if isinstance(module, taillor.TailLoRLinear):
+                weight = w0[str(i)].double() + module.learned_delta().double()
+                h = h @ weight.t() + module.base_layer.bias.double()
+            else:
+                h = module(h)
+        return h
+
+    for seed in (3, 4):
+        randomize_adapters(model, seed=seed)
+        for _, layer in taillor.iter_taillor_layers(model):
+            with torch.no_grad():
+                layer.lora_B.mul_(0.01 * layer.weight.float().norm() / layer.delta_weight().norm())
+        taillor.consolidate(model)
+    randomize_adapters(model, seed=5)
+    want = oracle()
+    for name, layer in taillor.iter_taillor_layers(model):
+        assert torch.equal(layer.base_layer.weight, w0[name]) and layer.tasks_consolidated == 2
+        assert torch.equal(layer.pretrained_weight(), w0[name].float())
+    with torch.no_grad():
+        assert_matches_oracle(model(x), want, torch.bfloat16, "two unfolded tasks and the adapter")
+        expected = model(x)
+        taillor.save_adapter(model, str(tmp_path))
+        reloaded = taillor.load_adapter(plain_model().to(torch.bfloat16), str(tmp_path))
+        assert_matches_oracle(reloaded(x), want, torch.bfloat16, "reloaded")
+        resumed = taillor.apply_taillor(plain_model().to(torch.bfloat16), PLAIN_CONFIG, progress=False)
+        resumed.load_state_dict(model.state_dict())
+        assert torch.equal(resumed(x), expected) and not resumed[0].base.folds_tasks
+        model[0].merge()  # the merged weight holds the finished tasks too
+        assert_matches_oracle(model(x), want, torch.bfloat16, "merged")
+        model[0].unmerge()
+        plain = taillor.merge_and_unload(model)
+        assert_matches_oracle(plain(x), want, torch.bfloat16, "merge_and_unload")
+
+
 def test_merged_forward_casts_the_input_as_the_unmerged_one_does():
     layer = taillor.TailLoRLinear.from_linear(nn.Linear(24, 20), rank=3, head=4)
     x = torch.randn(5, 24).to(torch.bfloat16)

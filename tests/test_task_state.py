@@ -126,7 +126,7 @@ def test_a_checkpoint_from_before_the_task_state_loads_as_it_did():
     (lambda s: s.pop("2.merged_down"),
      r"2: the state_dict holds .* of TailLoR's task state but not \['merged_down'\]"),
     (lambda s: s.update({"0.tasks_consolidated": torch.tensor(1.0)}),
-     r"0: tasks_consolidated torch.float32 \(\) and penalty_strength"),
+     r"0: tasks_consolidated torch.float32 \(\), tasks_folded torch.int64 \(\) and penalty_strength"),
 ])
 def test_a_task_state_that_does_not_fit_is_refused_by_name(mutate, match):
     state = two_tasks().state_dict()
