@@ -137,12 +137,11 @@ def _read_json(path):
 
 
 def _speed_row(rows, method, shape):
-    for r in rows:
-        if (r.get("suite") == "adapter" and r.get("method") == method and r.get("tokens") == shape.tokens
-                and r.get("d_in") == shape.d_in and r.get("d_out") == shape.d_out and r.get("rank") == shape.rank
-                and r.get("dtype") == shape.dtype and r.get("frame") == shape.frame):
-            return r
-    return None
+    """The adapter row of ``method`` at ``shape`` (skipped rows too: their reason is the figure)."""
+    from taillor.bench.tables import case_fields
+    fields = case_fields(shape)
+    return next((r for r in rows if r.get("suite") == "adapter" and r.get("method") == method
+                 and all(r.get(k) == v for k, v in fields.items())), None)
 
 
 def speed_goals(rows, problem: str = ""):

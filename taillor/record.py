@@ -39,6 +39,11 @@ def base_sketch(weight: Tensor) -> tuple[float, ...]:
         return tuple((G.t() @ x.double().cpu()).flatten().tolist())
 
 
+def valid_strength(value) -> bool:
+    """Whether a saved λ is a finite number >= 0 (a bool is not a number here)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
 def record_shapes(meta: dict) -> dict[str, tuple[int, ...]]:
     """The shape of each record tensor, from the record's meta."""
     r, d_in, d_out = meta["rank"], meta["d_in"], meta["d_out"]
@@ -73,8 +78,7 @@ def check_record(name: str, base_layer: nn.Module, tensors: dict[str, Tensor], m
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name}.{part}: saved tensor has non-finite entries")
     strength = meta.get("penalty_strength", 0.0)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or strength < 0:
+    if not valid_strength(strength):
         raise ValueError(f"{name}: saved penalty_strength {strength!r} is not a finite number >= 0")
     weight = full_tensor(base.weight().detach())  # a collective on a sharded base
     norm = float(weight.double().norm())

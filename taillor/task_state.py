@@ -15,11 +15,12 @@ The shapes grow with the tasks, so a loader that fills the fresh model's tensors
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .record import record_shapes, valid_strength
 
 TASK_STATE = ("consolidated_up", "consolidated_down", "penalty_strength", "tasks_consolidated", "tasks_folded",
               "merged_up", "merged_down")
@@ -61,16 +62,16 @@ def read_task_state(state_dict: dict, prefix: str, layer, unexpected_keys: list,
                           f"{tuple(found['penalty_strength'].shape)} must be two integers and one number")
         return None
     tasks, folded, strength = int(count), int(folded), float(found["penalty_strength"])
-    R = layer.config.rank * tasks
-    r = (layer.config.rank + (0 if folded else R)) if found["merged_up"].shape[-1] else 0
-    d_out, d_in = layer.out_features, layer.in_features
-    expected = {"consolidated_up": (d_out, R), "consolidated_down": (R, d_in), "merged_up": (d_out, r),
-                "merged_down": (r, d_in)}
+    d_out, d_in, rank = layer.out_features, layer.in_features, layer.config.rank
+    shapes = record_shapes({"rank": rank, "d_in": d_in, "d_out": d_out, "tasks_consolidated": tasks})
+    r = (rank + (0 if folded else rank * tasks)) if found["merged_up"].shape[-1] else 0
+    expected = {part: shapes[part] for part in ("consolidated_up", "consolidated_down")}
+    expected.update(merged_up=(d_out, r), merged_down=(r, d_in))
     problems = [f"{name} has shape {tuple(found[name].shape)}, expected {shape}"
                 for name, shape in expected.items() if tuple(found[name].shape) != shape]
     if tasks < 0 or folded not in (0, 1) or (folded and layer.base.quantized):
         problems.append(f"tasks_consolidated={tasks}, tasks_folded={folded} (a quantized base never folds)")
-    if not math.isfinite(strength) or strength < 0:
+    if not valid_strength(strength):
         problems.append(f"penalty_strength={strength!r} is not a finite number >= 0")
     if problems:
         error_msgs.append(f"{where}: " + "; ".join(problems))

@@ -107,7 +107,7 @@ def _find(rows: list[dict], suite: str, method: str, **fields) -> Optional[dict]
     return None
 
 
-def _case_fields(case) -> dict:
+def case_fields(case) -> dict:
     """The fields that identify a case in the rows (its note is a label, not an identity)."""
     return {k: v for k, v in asdict(case).items() if k != "note"}
 
@@ -122,7 +122,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
     speed_goals = [(shape, "taillor-eager", CPU_SPEED_LIMIT) for shape in speed_targets("cpu")]
     speed_goals += [(shape, method, GPU_SPEED_LIMIT) for shape in speed_targets("cuda") for method in ROUTE_METHODS]
     for shape, method, limit in speed_goals:
-        key = _case_fields(shape)
+        key = case_fields(shape)
         ours, peft = _find(rows, "adapter", method, **key), _find(rows, "adapter", "peft", **key)
         label = f"{shape.note}: {METHOD_LABELS[method]}"
         if ours and ours.get("check", "ok").startswith("FAILED"):
@@ -134,8 +134,8 @@ def target_checks(rows: list[dict]) -> list[dict]:
                 add(f"{label} faster than PEFT LoRA, {shape.name}",
                     f"{ours['ratio_to_peft']:.3f}x PEFT's time (PEFT {peft['ratio_fwd_bwd']:.2f}x floor)",
                     "< 1.000x", ours["ratio_to_peft"] < 1.0)
-    ours = _find(rows, "svd", "taillor", **_case_fields(SVD_SPEED_TARGET))
-    low = _find(rows, "svd", "svd_lowrank", **_case_fields(SVD_SPEED_TARGET))
+    ours = _find(rows, "svd", "taillor", **case_fields(SVD_SPEED_TARGET))
+    low = _find(rows, "svd", "svd_lowrank", **case_fields(SVD_SPEED_TARGET))
     if ours and low:
         case = SVD_SPEED_TARGET.name
         add(f"randomized_svd time / svd_lowrank (same sketch), {case}",
@@ -145,7 +145,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
             ours["sigma_rel_error"] <= low["sigma_rel_error"])
         add(f"randomized_svd speed-up over torch.linalg.svd, {case}", f"{ours['speedup_vs_linalg_svd']:.1f}x",
             ">= 10x", ours["speedup_vs_linalg_svd"] >= 10)
-    naive = _find(rows, "penalty", "naive", **_case_fields(PENALTY_SPEED_TARGET))
+    naive = _find(rows, "penalty", "naive", **case_fields(PENALTY_SPEED_TARGET))
     if naive:
         add(f"penalty naive / Gram form (fwd+bwd), {PENALTY_SPEED_TARGET.name}", f"{naive['ratio_to_gram']:.1f}x",
             ">= 10x", naive["ratio_to_gram"] >= 10)
